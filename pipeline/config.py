@@ -1,0 +1,249 @@
+"""One typed dataclass per stage inside one pipeline config, loaded from YAML with `--set` overrides.
+
+Unknown keys and wrong types are errors (`ConfigError`) that name the key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used."""
+
+
+SOURCE_POOL = [
+    "brain_tumor_mri_64",
+    "knee_oa_64",
+    "busi_64",
+    "blood_wbc_64",
+    "lc25000_lung_64",
+    "ham10000_derm_64",
+    "breastmnist",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where data sets live and how images are brought to the backbone."""
+
+    root: str = ""  # "" -> $PIPELINE_DATA_ROOT, else ./data
+    sources: list[str] = field(default_factory=lambda: list(SOURCE_POOL))
+    image_size: int = 64  # side length fed to the backbone (images are resized, small ones upsampled)
+    skip_corrupt: bool = False  # skip unreadable images with a warning instead of failing
+    min_image_size: int = 8  # images smaller than this (either side) are an error
+
+
+@dataclass
+class TargetConfig:
+    """The few-shot target data set (never used for meta-training)."""
+
+    name: str = "kermany_pneumonia_64"  # npz in the data root, used when `path` is empty
+    path: str = ""  # npz file, CSV (path,label[,split,group]) or folder of class sub-folders
+    label_key: str = "labels"  # npz label key stem: `labels` -> train_labels, `labels3` -> train_labels3
+    class_names: list[str] = field(default_factory=list)  # expected classes; [] accepts what the data has
+    val_fraction: float = 0.1  # for data without given splits
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    model: str = "tf_efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | none
+    weights_file: str = ""  # explicit state_dict / checkpoint file; wins over every other source
+
+
+@dataclass
+class MetaConfig:
+    algorithm: str = "reptile"  # maml | fomaml | anil | reptile | metasgd
+    ways: int = 5
+    shots: int = 5
+    queries: int = 15
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    meta_batch: int = 4
+    iterations: int = 300
+    outer_lr: float = 1e-3  # Adam LR for MAML-family; Reptile's epsilon is `reptile_epsilon`
+    reptile_epsilon: float = 0.5
+    lr_schedule: str = "cosine"  # cosine | constant
+    task_mode: str = "within"  # within: a task's classes come from one data set; across: from any
+    disjoint_classes: bool = False  # meta-validation on classes held out of meta-training
+    val_every: int = 50
+    val_tasks: int = 20
+    checkpoint_every: int = 50
+    batched: bool = True  # vmap over the tasks of a meta-batch when the model allows it
+    augment: bool = False
+    bn_recalibration_batches: int = 20
+    from_run: str = ""  # explicit backbone run id
+
+
+@dataclass
+class FinetuneConfig:
+    arms: list[str] = field(default_factory=lambda: ["scratch", "transfer", "meta"])
+    shots: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
+    seeds: int = 5
+    val_per_class: int = 50  # labelled validation images per class for model selection (0 = whole split)
+    epochs: int = 30
+    warmup_epochs: int = 5  # linear probe (body frozen) before the full fine-tune
+    batch_size: int = 32
+    lr_head: float = 3e-3
+    lr_body: float = 3e-4
+    weight_decay: float = 1e-4
+    augment: bool = True
+    class_balance: bool = True  # class-weighted loss against imbalance
+    patience: int = 10  # early stopping on validation AUC
+    min_steps_per_epoch: int = 4  # tiny k: repeat the set so an epoch has a few steps
+    meta_from_runs: list[str] = field(default_factory=list)  # extra meta runs, one arm each
+    from_run: str = ""  # explicit meta run id (else found by config)
+    backbone_run: str = ""  # explicit backbone run id (else found by config)
+
+
+@dataclass
+class EvaluateConfig:
+    bootstrap: int = 1000
+    ci: float = 0.95
+    reference_arm: str = "transfer"  # other arms are compared to this one, paired by (k, seed)
+    from_run: str = ""  # explicit finetune run id
+
+
+@dataclass
+class PipelineConfig:
+    experiment: str = "fewshot-medmeta"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    num_workers: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the whole config, or of the named sections only."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to `tp` where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            value = [value]  # `--set finetune.shots=20` means [20]
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for t in typing.get_args(tp):
+            try:
+                return _check_type(value, t, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': {value!r} is not a {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and value is None:
+        return ""
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}' is a section; set its fields, e.g. {key}.<field>=...")
+            _merge(cur, v, key + ".")
+        else:
+            setattr(obj, k, _check_type(v, hints[k], key))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b=c` -> {'a': {'b': c}} with the value parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. meta.iterations=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from e
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then each `key=value` override, all type-checked."""
+    cfg = PipelineConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; ship one under configs/ or pass --config PATH")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        _merge(cfg, data)
+    for o in overrides or []:
+        _merge(cfg, parse_override(o))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Value checks that types alone cannot express."""
+    choices = {
+        "meta.algorithm": (cfg.meta.algorithm, {"maml", "fomaml", "anil", "reptile", "metasgd"}),
+        "meta.lr_schedule": (cfg.meta.lr_schedule, {"cosine", "constant"}),
+        "meta.task_mode": (cfg.meta.task_mode, {"within", "across"}),
+        "backbone.weights": (cfg.backbone.weights, {"imagenet", "none"}),
+    }
+    for key, (val, allowed) in choices.items():
+        if val not in allowed:
+            raise ConfigError(f"config key '{key}': {val!r} is not one of {sorted(allowed)}")
+    for arm in cfg.finetune.arms:
+        if arm not in {"scratch", "transfer", "meta"}:
+            raise ConfigError(f"config key 'finetune.arms': unknown arm {arm!r}; use scratch, transfer, meta")
+    positive = {
+        "data.image_size": cfg.data.image_size, "meta.ways": cfg.meta.ways, "meta.shots": cfg.meta.shots,
+        "meta.queries": cfg.meta.queries, "meta.meta_batch": cfg.meta.meta_batch,
+        "finetune.seeds": cfg.finetune.seeds, "finetune.batch_size": cfg.finetune.batch_size,
+    }
+    for key, val in positive.items():
+        if val < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {val}")
+    if cfg.meta.ways < 2:
+        raise ConfigError("config key 'meta.ways' must be >= 2 (a task needs two classes)")
+    if any(k < 1 for k in cfg.finetune.shots):
+        raise ConfigError(f"config key 'finetune.shots': every k must be >= 1, got {cfg.finetune.shots}")

@@ -1,0 +1,172 @@
+"""Mathematics of the meta-learning algorithms on a tiny model in float64."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.meta import MetaLearner, adapt, batch_stats_only, recalibrate_bn
+from tests.tiny import make_tasks, tiny
+
+
+def query_loss_at(learner, params, task):
+    xs, ys, xq, yq = task
+    with batch_stats_only(learner.model):
+        return learner.task_loss(params, xs[0], ys[0], xq[0], yq[0])[0]
+
+
+def meta_grad(learner, task, batched=True):
+    learner.zero_grad(set_to_none=True)
+    learner.meta_backward(*task, batched=batched)
+    return {k: p.grad.clone() for k, p in learner.model.named_parameters()}
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd"])
+def test_second_order_meta_gradient_matches_finite_differences(algorithm, batched):
+    learner = MetaLearner(tiny(), algorithm, inner_lr=0.3, inner_steps=3)
+    task = make_tasks(T=1)
+    g = meta_grad(learner, task, batched)
+    params = {k: v.detach() for k, v in learner.params().items()}
+    gen = torch.Generator().manual_seed(1)
+    eps = 1e-6
+    for trial in range(3):
+        v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+        plus = query_loss_at(learner, {k: params[k] + eps * v[k] for k in params}, task)
+        minus = query_loss_at(learner, {k: params[k] - eps * v[k] for k in params}, task)
+        fd = ((plus - minus) / (2 * eps)).item()
+        an = sum((g[k] * v[k]).sum() for k in params).item()
+        assert abs(fd - an) / max(abs(fd), 1e-12) < 1e-4, (trial, fd, an)
+
+
+def test_second_order_differs_from_first_order():
+    task = make_tasks(T=1)
+    g2 = meta_grad(MetaLearner(tiny(), "maml", inner_lr=0.3, inner_steps=3), task)
+    g1 = meta_grad(MetaLearner(tiny(), "fomaml", inner_lr=0.3, inner_steps=3), task)
+    diff = max((g2[k] - g1[k]).abs().max().item() for k in g1)
+    assert diff > 1e-4  # the Hessian terms are really there
+
+
+def test_first_order_gradient_is_query_gradient_at_adapted_params():
+    learner = MetaLearner(tiny(), "fomaml", inner_lr=0.3, inner_steps=3)
+    xs, ys, xq, yq = task = make_tasks(T=1)
+    g = meta_grad(learner, task)
+    params = {k: v.detach() for k, v in learner.params().items()}
+    with batch_stats_only(learner.model):
+        # adapt independently with plain autograd SGD
+        fast = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        for _ in range(3):
+            loss = F.cross_entropy(torch.func.functional_call(learner.model, fast, (xs[0],)), ys[0])
+            gr = torch.autograd.grad(loss, list(fast.values()))
+            fast = {k: (v - 0.3 * gi).detach().requires_grad_(True) for (k, v), gi in zip(fast.items(), gr)}
+        ql = F.cross_entropy(torch.func.functional_call(learner.model, fast, (xq[0],)), yq[0])
+        expected = dict(zip(fast, torch.autograd.grad(ql, list(fast.values()))))
+    for k in params:
+        torch.testing.assert_close(g[k], expected[k], rtol=1e-10, atol=1e-12)
+
+
+def test_reptile_update_is_closed_form():
+    model = tiny()
+    learner = MetaLearner(model, "reptile", inner_lr=0.2, inner_steps=4)
+    xs, ys, xq, yq = task = make_tasks(T=3)
+    theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # θ̃ per task with an independent plain-autograd SGD loop on the support set
+    tilde = []
+    for t in range(3):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.2)
+        with batch_stats_only(m):
+            for _ in range(4):
+                opt.zero_grad()
+                F.cross_entropy(m(xs[t]), ys[t]).backward()
+                opt.step()
+        tilde.append({k: v.detach() for k, v in m.named_parameters()})
+    eps = 0.7
+    opt = torch.optim.SGD(learner.meta_parameters(), lr=eps)
+    opt.zero_grad()
+    learner.meta_backward(*task, batched=True)
+    opt.step()
+    for k, p in model.named_parameters():
+        expected = theta[k] + eps * (sum(tl[k] for tl in tilde) / 3 - theta[k])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_anil_inner_loop_leaves_body_unchanged_and_changes_output():
+    learner = MetaLearner(tiny(), "anil", inner_lr=0.5, inner_steps=3)
+    xs, ys, xq, yq = make_tasks(T=1)
+    params = {k: v.detach() for k, v in learner.params().items()}
+    body, head = learner.split(params)
+    with batch_stats_only(learner.model):
+        fs = learner.features(params, xs[0])
+        fast = adapt(lambda h: F.cross_entropy(learner.head_logits(h, fs), ys[0]), head, 0.5, 3)
+        assert set(fast) == set(head)  # only the head is adapted; the body is not even an input
+        adapted = learner.adapt_task(params, xs[0], ys[0])(xq[0])
+        before = learner.logits(params, xq[0])
+    assert (adapted - before).abs().max() > 1e-3
+    for k in head:
+        assert (fast[k] - head[k]).abs().max() > 0
+    # and the adapted classifier equals body features + adapted head
+    with batch_stats_only(learner.model):
+        torch.testing.assert_close(adapted, learner.head_logits(fast, learner.features(params, xq[0])))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "reptile", "metasgd"])
+def test_batched_equals_per_task_loop(algorithm):
+    task = make_tasks(T=3)
+    a = MetaLearner(tiny(), algorithm, inner_lr=0.2, inner_steps=2)
+    b = MetaLearner(tiny(), algorithm, inner_lr=0.2, inner_steps=2)
+    la, aa = a.meta_backward(*task, batched=True)
+    lb, ab = b.meta_backward(*task, batched=False)
+    assert abs(la - lb) < 1e-10 and abs(aa - ab) < 1e-10
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-8, atol=1e-10, msg=k)
+
+
+def test_metasgd_learns_inner_lrs_and_adaptation_uses_them():
+    learner = MetaLearner(tiny(), "metasgd", inner_lr=0.2, inner_steps=2)
+    task = make_tasks(T=2)
+    learner.meta_backward(*task, batched=True)
+    grads = [p.grad for p in learner.lrs.parameters()]
+    assert all(g is not None for g in grads) and max(g.abs().max().item() for g in grads) > 0
+    # a zero learning rate for every entry means no adaptation at all
+    xs, ys, xq, yq = task
+    with torch.no_grad():
+        for p in learner.lrs.parameters():
+            p.zero_()
+    params = {k: v.detach() for k, v in learner.params().items()}
+    with batch_stats_only(learner.model):
+        torch.testing.assert_close(learner.adapt_task(params, xs[0], ys[0])(xq[0]), learner.logits(params, xq[0]))
+
+
+def test_functional_calls_do_not_touch_running_stats_and_recalibration_does():
+    model = tiny()
+    learner = MetaLearner(model, "maml", inner_lr=0.1, inner_steps=1)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    learner.meta_backward(*make_tasks(T=2), batched=True)
+    learner.evaluate(*make_tasks(T=2))
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+    assert model.bn.track_running_stats  # restored after the context
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 3, 5, 5, generator=gen, dtype=torch.float64) + 2.0 for _ in range(4)]
+    recalibrate_bn(model, batches)
+    with torch.no_grad():
+        acts = torch.cat([model.conv(b) for b in batches])
+    torch.testing.assert_close(model.bn.running_mean, acts.mean((0, 2, 3)))
+    # the average of per-batch unbiased variances, as a cumulative BatchNorm average computes it
+    per_batch = torch.stack([model.conv(b).detach().transpose(0, 1).flatten(1).var(1) for b in batches])
+    torch.testing.assert_close(model.bn.running_var, per_batch.mean(0))
+
+
+def test_maml_step_reduces_query_loss_on_a_fixed_task():
+    torch.manual_seed(0)
+    learner = MetaLearner(tiny(), "maml", inner_lr=0.3, inner_steps=2)
+    task = make_tasks(T=2)
+    opt = torch.optim.Adam(learner.meta_parameters(), lr=0.05)
+    first = None
+    for _ in range(20):
+        opt.zero_grad()
+        loss, _ = learner.meta_backward(*task, batched=True)
+        first = loss if first is None else first
+        opt.step()
+    assert loss < first * 0.8
