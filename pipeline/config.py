@@ -65,7 +65,7 @@ class BackboneConfig:
 @dataclass
 class MetaConfig:
     algorithm: str = "reptile"  # maml | fomaml | anil | reptile | metasgd
-    ways: int = 5
+    ways: int = 3  # 3-way keeps six of the seven source sets usable for within-data-set tasks
     shots: int = 5
     queries: int = 15
     inner_steps: int = 5

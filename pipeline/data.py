@@ -301,12 +301,22 @@ def load_target(cfg) -> LabeledData:
                             cfg.data.skip_corrupt, cfg.data.min_image_size)
         elif p.suffix.lower() == ".npz":
             data = load_npz(p, t.label_key)
+            data.class_names = _name_npz_classes(data, t.class_names)
         else:
             raise DataError(f"target.path {p}: unsupported file type {p.suffix!r}; use a folder, .csv or .npz")
     else:
         data = load_npz(resolve_dataset_path(t.name, cfg.data.root), t.label_key, t.name)
+        data.class_names = _name_npz_classes(data, t.class_names)
     check_usable(data, t.class_names)
     return data
+
+
+def _name_npz_classes(data: LabeledData, names: Sequence[str]) -> list[str]:
+    """target.class_names name an npz's label ids 0..C-1 in order."""
+    if names and len(names) != len(data.class_names):
+        raise DataError(f"{data.source}: labels have {len(data.class_names)} classes but target.class_names "
+                        f"lists {len(names)} ({list(names)}); fix target.class_names (or target.label_key)")
+    return list(names) if names else data.class_names
 
 
 def check_usable(data: LabeledData, expected: Sequence[str] = ()) -> None:

@@ -1,0 +1,43 @@
+"""Device choice and mixed precision."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import ContextManager
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} asked for, but CUDA is not available here; use device=auto or cpu")
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return dev.type
+
+
+def autocast(dev: torch.device) -> ContextManager:
+    """bf16 autocast on GPUs that support it, fp16 on older ones; full precision on CPU."""
+    if dev.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def configure(dev: torch.device) -> None:
+    """cuDNN autotuning and TF32 matmuls on CUDA (results stay seeded, not bit-exact)."""
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

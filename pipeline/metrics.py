@@ -1,0 +1,74 @@
+"""Classification metrics (scikit-learn), bootstrap and across-seed confidence intervals, paired tests."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score,
+                             roc_auc_score)
+
+METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+
+
+def classification_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """y: (N,) ints; prob: (N, C). Binary: class 1 is positive. Multi-class: macro averages, OvR AUC."""
+    y = np.asarray(y)
+    n_classes = prob.shape[1]
+    pred = prob.argmax(1)
+    labels = list(range(n_classes))
+    if n_classes == 2:
+        auc = roc_auc_score(y, prob[:, 1])
+        sens = recall_score(y, pred, pos_label=1, zero_division=0)
+        spec = recall_score(y, pred, pos_label=0, zero_division=0)
+        f1 = f1_score(y, pred, pos_label=1, zero_division=0)
+    else:
+        p = prob / prob.sum(1, keepdims=True)
+        auc = roc_auc_score(y, p, multi_class="ovr", average="macro", labels=labels)
+        sens = recall_score(y, pred, average="macro", labels=labels, zero_division=0)
+        cm = confusion_matrix(y, pred, labels=labels)
+        tn = cm.sum() - cm.sum(0) - cm.sum(1) + np.diag(cm)
+        fp = cm.sum(0) - np.diag(cm)
+        spec = float(np.mean(tn / np.maximum(tn + fp, 1)))
+        f1 = f1_score(y, pred, average="macro", labels=labels, zero_division=0)
+    return {"auc": float(auc), "accuracy": float(accuracy_score(y, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)), "sensitivity": float(sens),
+            "specificity": float(spec), "f1": float(f1)}
+
+
+def bootstrap_ci(y: np.ndarray, prob: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                 metrics: tuple[str, ...] = ("auc", "accuracy")) -> dict[str, tuple[float, float]]:
+    """Percentile CI over test-set resamples, stratified by class so every resample has every class."""
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    vals: dict[str, list[float]] = {m: [] for m in metrics}
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(ix, len(ix), replace=True) for ix in by_class])
+        res = classification_metrics(y[idx], prob[idx])
+        for m in metrics:
+            vals[m].append(res[m])
+    a = (1 - ci) / 2
+    return {m: (float(np.quantile(v, a)), float(np.quantile(v, 1 - a))) for m, v in vals.items()}
+
+
+def mean_ci(values: list[float] | np.ndarray, ci: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t CI across seeds; (mean, nan, nan) with fewer than two values."""
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, math.nan, math.nan
+    h = float(stats.t.ppf((1 + ci) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return m, m - h, m + h
+
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, ci: float = 0.95) -> dict[str, float]:
+    """a - b on paired observations: mean difference with t-CI, Cohen's d_z and Wilcoxon signed-rank p."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    mean, lo, hi = mean_ci(d, ci)
+    sd = d.std(ddof=1) if len(d) > 1 else math.nan
+    dz = float(mean / sd) if sd and not math.isnan(sd) and sd > 0 else math.nan
+    if len(d) >= 2 and np.any(d != 0):
+        p = float(stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+    else:
+        p = math.nan
+    return {"n": int(len(d)), "mean_diff": mean, "ci_low": lo, "ci_high": hi, "cohens_dz": dz, "wilcoxon_p": p}

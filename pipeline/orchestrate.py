@@ -1,0 +1,144 @@
+"""Runs stages in order as MLflow runs; stages hand each other run ids and artifact URIs, never objects.
+
+A stage is reused when a FINISHED run with the same stage key exists: the key hashes the config sections the
+stage depends on, the code version and the upstream run ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+from contextlib import nullcontext
+from typing import Any
+
+import mlflow
+
+from .config import PipelineConfig
+from .tracking import (code_version, find_finished_run, git_commit, log_config, run_outputs, setup_tracking,
+                       tracked_run)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("backbone", "meta", "finetune", "evaluate")
+# Config sections each stage's result depends on (device and worker count change speed, not results).
+SECTIONS = {
+    "backbone": ("backbone", "data"),
+    "meta": ("data", "target", "meta", "seed"),
+    "finetune": ("data", "target", "finetune", "seed"),
+    "evaluate": ("evaluate",),
+}
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run (e.g. its upstream run is missing)."""
+
+
+def parse_stages(text: str) -> list[str]:
+    names = list(STAGES) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in STAGES]
+    if bad or not names:
+        raise PipelineError(f"unknown stage(s) {bad or text!r}; use 'all' or a comma list of {', '.join(STAGES)}")
+    return sorted(set(names), key=STAGES.index)
+
+
+def upstream_of(stage: str, cfg: PipelineConfig) -> list[str]:
+    if stage == "meta":
+        return ["backbone"]
+    if stage == "finetune":
+        return ["backbone", "meta"] if "meta" in cfg.finetune.arms else ["backbone"]
+    if stage == "evaluate":
+        return ["finetune"]
+    return []
+
+
+def explicit_upstream(stage: str, up: str, cfg: PipelineConfig) -> str:
+    return {("meta", "backbone"): cfg.meta.from_run, ("finetune", "meta"): cfg.finetune.from_run,
+            ("finetune", "backbone"): cfg.finetune.backbone_run,
+            ("evaluate", "finetune"): cfg.evaluate.from_run}.get((stage, up), "")
+
+
+def stage_key(stage: str, cfg: PipelineConfig, upstream_ids: dict[str, str], code: str) -> str:
+    d = cfg.to_dict()
+    payload = {"stage": stage, "config": {s: d[s] for s in SECTIONS[stage]}, "code": code,
+               "upstream": dict(sorted(upstream_ids.items()))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class Runner:
+    def __init__(self, cfg: PipelineConfig, force: bool = False, resume: bool = True):
+        self.cfg, self.force, self.resume = cfg, force, resume
+        self.exp_id = setup_tracking(cfg.experiment)
+        self.code = code_version()
+        self.outputs: dict[str, dict[str, str]] = {}
+
+    def find(self, stage: str) -> dict[str, str]:
+        """Outputs of the latest finished run of `stage` that matches the current config (recursively)."""
+        if stage in self.outputs:
+            return self.outputs[stage]
+        ups = {u: self.resolve(stage, u) for u in upstream_of(stage, self.cfg)}
+        key = stage_key(stage, self.cfg, {u: o["run_id"] for u, o in ups.items()}, self.code)
+        run = find_finished_run(self.exp_id, stage, key)
+        if run is None:
+            raise PipelineError(
+                f"no finished '{stage}' run matches this config and code version in experiment "
+                f"'{self.cfg.experiment}'; run `--stage {stage}` first, or name a run explicitly "
+                f"(meta.from_run, finetune.backbone_run, finetune.from_run, evaluate.from_run)")
+        self.outputs[stage] = run_outputs(run)
+        return self.outputs[stage]
+
+    def resolve(self, stage: str, up: str) -> dict[str, str]:
+        rid = explicit_upstream(stage, up, self.cfg)
+        if rid:
+            try:
+                run = mlflow.get_run(rid)
+            except Exception as e:
+                raise PipelineError(f"{stage}: upstream {up} run {rid} not found in the store ({e})") from e
+            if run.info.status != "FINISHED" or run.data.tags.get("pipeline.stage") != up:
+                raise PipelineError(f"{stage}: run {rid} is not a finished '{up}' run")
+            return run_outputs(run)
+        return self.find(up)
+
+    def run(self, stages: list[str]) -> dict[str, dict[str, str]]:
+        multi = len(stages) > 1
+        tags = {"pipeline.code_version": self.code, "mlflow.source.git.commit": git_commit(),
+                "pipeline.config_hash": self.cfg.hash()}
+        parent = tracked_run("pipeline", {**tags, "pipeline.stage": "pipeline",
+                                          "pipeline.stages": ",".join(stages)}) if multi else nullcontext()
+        with parent as prun:
+            if multi:
+                log_config(self.cfg.to_dict())
+            for stage in stages:
+                self._run_stage(stage, tags, nested=multi, parent_id=prun.info.run_id if multi else None)
+        return self.outputs
+
+    def _run_stage(self, stage: str, tags: dict[str, str], nested: bool, parent_id: str | None) -> None:
+        inputs: dict[str, Any] = {u: self.resolve(stage, u) for u in upstream_of(stage, self.cfg)}
+        key = stage_key(stage, self.cfg, {u: o["run_id"] for u, o in inputs.items()}, self.code)
+        if not self.force:
+            prev = find_finished_run(self.exp_id, stage, key)
+            if prev is not None:
+                print(f"[{stage}] reusing finished run {prev.info.run_id} (same config, code and upstream runs; "
+                      f"--force recomputes)", flush=True)
+                self.outputs[stage] = run_outputs(prev)
+                if nested:
+                    mlflow.set_tag(f"reused.{stage}", prev.info.run_id)
+                return
+        inputs["parent_run_id"] = parent_id
+        inputs["resume"] = self.resume
+        stage_tags = {**tags, "pipeline.stage": stage, "pipeline.stage_key": key,
+                      **{f"pipeline.upstream.{u}": o["run_id"] for u, o in inputs.items() if isinstance(o, dict)}}
+        module = importlib.import_module(f"stages.{stage}")
+        print(f"[{stage}] starting", flush=True)
+        with tracked_run(stage, stage_tags, nested=nested) as run:
+            log_config(self.cfg.to_dict())
+            out = module.run(self.cfg, inputs) or {}
+            mlflow.set_tags({f"out.{k}": v for k, v in out.items()})
+        self.outputs[stage] = {**out, "run_id": run.info.run_id}
+        print(f"[{stage}] finished run {run.info.run_id}", flush=True)
+
+
+def run_pipeline(cfg: PipelineConfig, stages: list[str], force: bool = False, resume: bool = True
+                 ) -> dict[str, dict[str, str]]:
+    """Run `stages` (in pipeline order); returns each stage's outputs (run_id plus artifact URIs)."""
+    return Runner(cfg, force, resume).run(stages)

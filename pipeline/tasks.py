@@ -1,0 +1,95 @@
+"""N-way K-shot Q-query episodes from the source pool, seeded per episode (so a resumed run sees the same tasks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import DataError, LabeledData
+from .transforms import AlbumentationsTransform
+
+ClassRef = tuple[int, int]  # (data set index in the pool, class id)
+
+
+def split_classes(pool: list[LabeledData], val_fraction: float, seed: int) -> tuple[set[ClassRef], set[ClassRef]]:
+    """Hold out a seeded share of each data set's classes for meta-validation (disjoint classes)."""
+    rng = np.random.default_rng(seed)
+    train, val = set(), set()
+    for d, data in enumerate(pool):
+        classes = rng.permutation(len(data.class_names)).tolist()
+        n_val = max(1, int(round(len(classes) * val_fraction))) if len(classes) >= 4 else 0
+        val |= {(d, c) for c in classes[:n_val]}
+        train |= {(d, c) for c in classes[n_val:]}
+    return train, val
+
+
+@dataclass
+class Episodes:
+    """Stacked meta-batch: support (T, N*K, C, H, W), labels (T, N*K), query (T, N*Q, ...), labels (T, N*Q)."""
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+
+    def to(self, device: torch.device) -> "Episodes":
+        return Episodes(*(t.to(device, non_blocking=True) for t in (self.xs, self.ys, self.xq, self.yq)))
+
+
+class EpisodeSampler:
+    """Episodes from one split of a data set pool; the episode at index i depends only on (seed, i).
+
+    mode='within': a task's N classes come from one data set (like the target: one modality);
+    mode='across': from any classes of the pool.
+    """
+
+    def __init__(self, pool: list[LabeledData], split: str, ways: int, shots: int, queries: int,
+                 transform: AlbumentationsTransform, mode: str = "within", seed: int = 0,
+                 classes: set[ClassRef] | None = None):
+        self.pool, self.split, self.ways, self.shots, self.queries = pool, split, ways, shots, queries
+        self.transform, self.mode, self.seed = transform, mode, seed
+        need = shots + queries
+        self.index: dict[ClassRef, np.ndarray] = {}
+        for d, data in enumerate(pool):
+            labels = data.splits[split].labels
+            for c in range(len(data.class_names)):
+                idx = np.flatnonzero(labels == c)
+                if len(idx) >= need and (classes is None or (d, c) in classes):
+                    self.index[(d, c)] = idx
+        if mode == "within":
+            by_set: dict[int, list[ClassRef]] = {}
+            for ref in self.index:
+                by_set.setdefault(ref[0], []).append(ref)
+            self.groups = [sorted(v) for v in by_set.values() if len(v) >= ways]
+        else:
+            self.groups = [sorted(self.index)] if len(self.index) >= ways else []
+        if not self.groups:
+            names = [d.name for d in pool]
+            raise DataError(
+                f"no {ways}-way task can be drawn from the {split} splits of {names} with {need} images per "
+                f"class (mode={mode}); lower meta.ways/meta.shots/meta.queries or use meta.task_mode=across")
+
+    def describe(self) -> str:
+        sets = sorted({self.pool[d].name for g in self.groups for d, _ in g})
+        return f"{len(self.index)} classes usable from {sets} ({self.split} split, mode={self.mode})"
+
+    def episode(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        group = self.groups[rng.integers(len(self.groups))]
+        chosen = [group[i] for i in rng.choice(len(group), self.ways, replace=False)]
+        self.transform.compose.set_random_seed(int(rng.integers(2**31)))  # augmentation seeded per episode
+        xs, ys, xq, yq = [], [], [], []
+        for label, (d, c) in enumerate(chosen):
+            images = self.pool[d].splits[self.split].images
+            pick = rng.choice(self.index[(d, c)], self.shots + self.queries, replace=False)
+            ims = [self.transform(images[i]) for i in pick]
+            xs += ims[: self.shots]
+            xq += ims[self.shots:]
+            ys += [label] * self.shots
+            yq += [label] * self.queries
+        return torch.stack(xs), torch.tensor(ys), torch.stack(xq), torch.tensor(yq)
+
+    def batch(self, first_index: int, n_tasks: int) -> Episodes:
+        eps = [self.episode(first_index + t) for t in range(n_tasks)]
+        return Episodes(*(torch.stack([e[j] for e in eps]) for j in range(4)))

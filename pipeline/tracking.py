@@ -1,0 +1,125 @@
+"""MLflow helpers: the project store, run lifecycle (no run left RUNNING), config logging and run lookup."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import yaml
+from mlflow.entities import Run
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else an SQLite store under ./mlruns (artifacts beside it)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').resolve() / 'mlflow.db'}"
+
+
+def setup_tracking(experiment: str) -> str:
+    """Point MLflow at the store and select (or create) the experiment; returns the experiment id."""
+    uri = default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            artifacts = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+        exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def code_version() -> str:
+    """Hash of the pipeline's source files: a finished stage is reused only under the same code."""
+    h = hashlib.sha256()
+    for pkg in ("pipeline", "stages"):
+        for f in sorted((PROJECT_ROOT / pkg).rglob("*.py")):
+            h.update(f.relative_to(PROJECT_ROOT).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def log_config(cfg_dict: dict[str, Any]) -> None:
+    """The whole config as params and as config.yaml."""
+    params = {k: str(v)[:500] for k, v in flatten(cfg_dict).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 90):
+        mlflow.log_params(dict(items[i:i + 90]))
+    mlflow.log_text(yaml.safe_dump(cfg_dict, sort_keys=False), "config.yaml")
+
+
+def log_artifact_file(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+@contextmanager
+def tracked_run(name: str, tags: dict[str, str], nested: bool = False,
+                system_metrics: bool = True) -> Iterator[Run]:
+    """Start a run; end it FINISHED, or FAILED (exception) / KILLED (Ctrl-C, SIGTERM) with the error logged."""
+    run = mlflow.start_run(run_name=name, nested=nested, tags=tags, log_system_metrics=system_metrics)
+    try:
+        yield run
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        try:
+            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:4000])
+            mlflow.log_text("".join(traceback.format_exception(e)), "error.txt")
+        except Exception:  # the store may be the thing that failed; still end the run
+            log.exception("could not log the error to MLflow")
+        mlflow.end_run(status)
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def find_finished_run(experiment_id: str, stage: str, stage_key: str) -> Run | None:
+    """Latest FINISHED run of `stage` whose stage key (config, code version, upstream runs) matches."""
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`pipeline.stage` = '{stage}' and tags.`pipeline.stage_key` = '{stage_key}' "
+                      f"and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0] if runs else None
+
+
+def run_outputs(run: Run) -> dict[str, str]:
+    """What a stage run handed downstream (tags `out.<name>`), plus its run id."""
+    out = {k[4:]: v for k, v in run.data.tags.items() if k.startswith("out.")}
+    out["run_id"] = run.info.run_id
+    return out
+
+
+def download(uri: str, dst: str | None = None) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst or tempfile.mkdtemp()))

@@ -1,0 +1,102 @@
+"""The few-shot fine-tuning recipe: linear-probe warm-up, then full fine-tune with separate body/head LRs,
+class-balanced loss, augmentation, and checkpoint choice by validation AUC (the test split is not seen here)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from .config import FinetuneConfig
+from .data import ImageDataset
+from .device import autocast
+from .metrics import classification_metrics
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_auc: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, ds: ImageDataset, dev: torch.device, batch_size: int = 256,
+                  num_workers: int = 0) -> np.ndarray:
+    model.eval()
+    out = []
+    for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                           pin_memory=dev.type == "cuda"):
+        with autocast(dev):
+            logits = model(x.to(dev, non_blocking=True))
+        out.append(logits.float().softmax(-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def fit(model: nn.Module, train: ImageDataset, val: ImageDataset, ft: FinetuneConfig, dev: torch.device,
+        seed: int, head: str, n_classes: int, on_epoch: Callable[[int, dict], None] | None = None,
+        num_workers: int = 0) -> FitResult:
+    """Train in place; leaves `model` holding the weights of the best validation-AUC epoch."""
+    model.to(dev)
+    head = head.rstrip(".") + "."
+    head_p = [p for n, p in model.named_parameters() if n.startswith(head)]
+    body_p = [p for n, p in model.named_parameters() if not n.startswith(head)]
+    opt = torch.optim.AdamW([{"params": body_p, "lr": ft.lr_body}, {"params": head_p, "lr": ft.lr_head}],
+                            weight_decay=ft.weight_decay)
+    warm, total = min(ft.warmup_epochs, ft.epochs), ft.epochs
+
+    def body_factor(epoch: int) -> float:  # 0 during the linear probe, then cosine decay
+        if epoch < warm:
+            return 0.0
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(total - warm, 1)))
+
+    def head_factor(epoch: int) -> float:
+        return 1.0 if epoch < warm else body_factor(epoch)
+
+    counts = np.bincount(train.labels, minlength=n_classes)
+    weight = None
+    if ft.class_balance:
+        weight = torch.tensor(len(train) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=dev)
+    g = torch.Generator().manual_seed(seed)
+    bs = min(ft.batch_size, len(train))
+    n_samples = max(len(train), ft.min_steps_per_epoch * bs)
+    loader = DataLoader(train, batch_size=bs, sampler=RandomSampler(train, num_samples=n_samples, generator=g),
+                        drop_last=len(train) >= 2 * bs, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    best = FitResult(-1, -math.inf)
+    best_state = None
+    since = 0
+    for epoch in range(total):
+        opt.param_groups[0]["lr"] = ft.lr_body * body_factor(epoch)
+        opt.param_groups[1]["lr"] = ft.lr_head * head_factor(epoch)
+        # Linear probe: the body (BN statistics included) stays as initialised, dropout off.
+        model.train(epoch >= warm)
+        tot, n = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with autocast(dev):
+                loss = F.cross_entropy(model(x).float(), y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, n = tot + loss.item() * len(y), n + len(y)
+        prob = predict_proba(model, val, dev, num_workers=num_workers)
+        vm = classification_metrics(val.labels, prob)
+        rec = {"train_loss": tot / max(n, 1), "val_auc": vm["auc"], "val_accuracy": vm["accuracy"]}
+        best.history.append(rec)
+        if on_epoch:
+            on_epoch(epoch, rec)
+        if vm["auc"] > best.best_val_auc:
+            best.best_epoch, best.best_val_auc, since = epoch, vm["auc"], 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since += 1
+            if epoch >= warm and since >= ft.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return best

@@ -1,0 +1,198 @@
+"""Stage 4: metrics with confidence intervals from the finetune stage's test predictions, paired comparisons
+of arms, plots and a report. Everything is recomputed from `predictions/*.csv`, so anyone can check it."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
+
+from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
+from pipeline.tracking import download  # noqa: E402
+
+
+def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    df = pd.read_csv(path)
+    return df["label"].to_numpy(), df[[f"prob_{c}" for c in class_names]].to_numpy()
+
+
+def compute_results(pred_dir: Path, ev_bootstrap: int = 1000, ci: float = 0.95, reference: str = "transfer"
+                    ) -> dict:
+    """results.json content: one row per (arm, k, seed), aggregates per (arm, k), paired comparisons."""
+    index = json.loads((pred_dir / "index.json").read_text())
+    classes = index["class_names"]
+    rows = []
+    for r in index["runs"]:
+        y, prob = read_predictions(pred_dir / r["file"], classes)
+        m = classification_metrics(y, prob)
+        b = bootstrap_ci(y, prob, ev_bootstrap, ci, seed=r["seed"]) if ev_bootstrap else {}
+        rows.append({"arm": r["arm"], "k": r["k"], "seed": r["seed"], **m,
+                     **{f"{name}_ci": list(v) for name, v in b.items()},
+                     "best_val_auc": r.get("best_val_auc"), "file": r["file"]})
+    df = pd.DataFrame(rows)
+    agg = []
+    for (arm, k), g in df.groupby(["arm", "k"], sort=False):
+        a = {"arm": arm, "k": int(k), "n_seeds": len(g)}
+        for name in METRICS:
+            mu, lo, hi = mean_ci(g[name].to_numpy(), ci)
+            a |= {name: mu, f"{name}_ci": [max(lo, 0.0), min(hi, 1.0)]}  # nan stays nan; metrics live in [0, 1]
+        agg.append(a)
+    comps = []
+    if reference in set(df["arm"]):
+        for arm in [a for a in index["arms"] if a != reference]:
+            for k in sorted(set(df["k"])):
+                a = df[(df.arm == arm) & (df.k == k)].sort_values("seed")
+                b = df[(df.arm == reference) & (df.k == k)].sort_values("seed")
+                if len(a) and list(a.seed) == list(b.seed):
+                    comps.append({"arm": arm, "reference": reference, "k": int(k), "metric": "auc",
+                                  **paired_comparison(a.auc.to_numpy(), b.auc.to_numpy(), ci)})
+            a = df[df.arm == arm].sort_values(["k", "seed"])
+            b = df[df.arm == reference].sort_values(["k", "seed"])
+            if len(a) and list(zip(a.k, a.seed)) == list(zip(b.k, b.seed)):
+                comps.append({"arm": arm, "reference": reference, "k": "all", "metric": "auc",
+                              **paired_comparison(a.auc.to_numpy(), b.auc.to_numpy(), ci)})
+    return {"class_names": classes, "dataset": index["dataset"], "arms": index["arms"], "ci": ci,
+            "bootstrap": ev_bootstrap, "rows": rows, "aggregates": agg, "comparisons": comps}
+
+
+def _fmt(x: float, lo: float, hi: float) -> str:
+    return f"{x:.3f}" if math.isnan(lo) else f"{x:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def write_report(res: dict, cfg_dict: dict, out: Path) -> str:
+    lines = [f"# Few-shot results on {res['dataset']}", "",
+             f"Classes: {', '.join(res['class_names'])}. Mean over seeds with {int(res['ci'] * 100)}% t-interval "
+             f"(seeds = paired k-shot subsets; every arm sees the same images).", "",
+             "| arm | k/class | seeds | AUC | accuracy | sensitivity | specificity |", "|---|---:|---:|---|---|---|---|"]
+    for a in sorted(res["aggregates"], key=lambda a: (a["k"], res["arms"].index(a["arm"]))):
+        lines.append(f"| {a['arm']} | {a['k']} | {a['n_seeds']} | {_fmt(a['auc'], *a['auc_ci'])} | "
+                     f"{_fmt(a['accuracy'], *a['accuracy_ci'])} | {_fmt(a['sensitivity'], *a['sensitivity_ci'])} | "
+                     f"{_fmt(a['specificity'], *a['specificity_ci'])} |")
+    if res["comparisons"]:
+        lines += ["", "## Paired comparison of AUC against the reference arm", "",
+                  "| arm | reference | k | n | mean difference [CI] | Cohen's d_z | Wilcoxon p |",
+                  "|---|---|---|---:|---|---:|---:|"]
+        for c in res["comparisons"]:
+            lines.append(f"| {c['arm']} | {c['reference']} | {c['k']} | {c['n']} | "
+                         f"{_fmt(c['mean_diff'], c['ci_low'], c['ci_high'])} | {c['cohens_dz']:.2f} | "
+                         f"{c['wilcoxon_p']:.3g} |")
+    lines += ["", "Per-run bootstrap CIs and all metrics are in `results.json`; predictions in `predictions/`.",
+              "", "## Config", "", "```yaml", yaml.safe_dump(cfg_dict, sort_keys=False).rstrip(), "```", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def make_plots(res: dict, pred_dir: Path, out: Path) -> list[Path]:
+    paths = []
+    agg = pd.DataFrame(res["aggregates"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in res["arms"]:
+        g = agg[agg.arm == arm].sort_values("k")
+        if not len(g):
+            continue
+        ax.plot(g.k, g.auc, marker="o", label=arm)
+        lo = np.array([c[0] for c in g.auc_ci], float)
+        hi = np.array([c[1] for c in g.auc_ci], float)
+        if not np.isnan(lo).all():
+            ax.fill_between(g.k, lo, hi, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled images per class (k)")
+    ax.set_ylabel("test ROC AUC")
+    ax.set_title(f"Data efficiency on {res['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "auc_vs_k.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    classes = res["class_names"]
+    rows = pd.DataFrame(res["rows"])
+    ks = sorted(set(rows.k))
+    fig, axes = plt.subplots(1, len(ks), figsize=(4 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for i, arm in enumerate(res["arms"]):
+            for j, r in enumerate(rows[(rows.arm == arm) & (rows.k == k)].itertuples()):
+                y, prob = read_predictions(pred_dir / r.file, classes)
+                if len(classes) == 2:
+                    fpr, tpr, _ = roc_curve(y, prob[:, 1])
+                else:  # micro-average one-vs-rest
+                    onehot = np.eye(len(classes))[y]
+                    fpr, tpr, _ = roc_curve(onehot.ravel(), prob.ravel())
+                ax.plot(fpr, tpr, color=f"C{i}", alpha=0.5, label=arm if j == 0 else None)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.5)
+        ax.set_title(f"ROC, k={k} (one line per seed)")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    paths.append(out / "roc_curves.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    k = max(ks)
+    fig, axes = plt.subplots(1, len(res["arms"]), figsize=(3.5 * len(res["arms"]), 3.5), squeeze=False)
+    for ax, arm in zip(axes[0], res["arms"]):
+        cm = np.zeros((len(classes), len(classes)), int)
+        for r in rows[(rows.arm == arm) & (rows.k == k)].itertuples():
+            y, prob = read_predictions(pred_dir / r.file, classes)
+            cm += confusion_matrix(y, prob.argmax(1), labels=list(range(len(classes))))
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center")
+        ax.set_xticks(range(len(classes)), classes, rotation=45)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{arm}, k={k} (all seeds)")
+    fig.tight_layout()
+    paths.append(out / "confusion_matrices.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def summary_metrics(res: dict) -> dict[str, float]:
+    """Names that line arms up in the MLflow compare view, e.g. auc_k20_transfer."""
+    out = {}
+    for a in res["aggregates"]:
+        for m in ("auc", "accuracy"):
+            out[f"{m}_k{a['k']}_{a['arm']}"] = a[m]
+    return out
+
+
+def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
+    ev = cfg.evaluate
+    src = download(inputs["finetune"]["predictions_uri"])
+    out = Path(tempfile.mkdtemp(prefix="evaluate-"))
+    pred_dir = out / "predictions"
+    shutil.copytree(src, pred_dir)
+    res = compute_results(pred_dir, ev.bootstrap, ev.ci, ev.reference_arm)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    text = write_report(res, cfg.to_dict(), out)
+    plots = make_plots(res, pred_dir, out)
+    summary = summary_metrics(res)
+    mlflow.log_metrics(summary)
+    if inputs.get("parent_run_id"):
+        client = MlflowClient()
+        for name, v in summary.items():
+            client.log_metric(inputs["parent_run_id"], name, v)
+    for p in [out / "results.json", out / "report.md", *plots]:
+        mlflow.log_artifact(str(p))
+        if inputs.get("parent_run_id"):
+            MlflowClient().log_artifact(inputs["parent_run_id"], str(p))
+    mlflow.log_artifacts(str(pred_dir), "predictions")
+    print(text.split("\n## Config")[0], flush=True)
+    return {"results_uri": mlflow.get_artifact_uri("results.json")}

@@ -1,0 +1,172 @@
+"""Stage 2: meta-pretrain the backbone on N-way K-shot tasks from the source pool (never the target).
+
+Resumable: every `checkpoint_every` iterations the full training state (weights, optimizer, schedule, RNG,
+best-so-far) goes to the run's `state/last.pt`; a rerun of an interrupted run with the same stage key
+continues from there and ends with the same weights as an uninterrupted run (on CPU).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+from tqdm import tqdm
+
+from pipeline.backbone import build_from_checkpoint, head_prefix, load_checkpoint, resolve_data_info, save_checkpoint
+from pipeline.config import PipelineConfig
+from pipeline.data import load_sources
+from pipeline.device import autocast, configure, device_name, resolve_device
+from pipeline.meta import MetaLearner, recalibrate_bn
+from pipeline.tasks import EpisodeSampler, split_classes
+from pipeline.tracking import download
+from pipeline.transforms import build_transform
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def find_resume_state(stage_key: str) -> tuple[str, dict] | None:
+    """The training state of the latest interrupted (KILLED/FAILED) meta run with the same stage key."""
+    run = mlflow.active_run()
+    runs = mlflow.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.`pipeline.stage` = 'meta' and tags.`pipeline.stage_key` = '{stage_key}' "
+                      f"and attributes.status != 'FINISHED' and attributes.run_id != '{run.info.run_id}'",
+        order_by=["attributes.start_time DESC"], max_results=5, output_format="list")
+    client = MlflowClient()
+    for r in runs:
+        if r.info.status == "RUNNING":
+            continue
+        if any(a.path == "state/last.pt" for a in client.list_artifacts(r.info.run_id, "state")):
+            path = download(f"{r.info.artifact_uri}/state/last.pt")
+            return r.info.run_id, torch.load(path, map_location="cpu", weights_only=False)
+    return None
+
+
+def lr_lambda(schedule: str, iterations: int):
+    if schedule == "cosine":
+        return lambda i: 0.5 * (1 + math.cos(math.pi * min(i, iterations) / max(iterations, 1)))
+    return lambda i: 1.0
+
+
+def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
+    m = cfg.meta
+    dev = resolve_device(cfg.device)
+    configure(dev)
+    mlflow.set_tags({"device": device_name(dev), "algorithm": m.algorithm, "backbone": cfg.backbone.model})
+    torch.manual_seed(cfg.seed)  # dropout inside the model draws from torch's generator; saved on checkpoints
+
+    ckpt = load_checkpoint(download(inputs["backbone"]["checkpoint_uri"]))
+    model = build_from_checkpoint(ckpt, num_classes=m.ways, seed=cfg.seed).to(dev)
+    dinfo = resolve_data_info(model)
+    pool = load_sources(cfg)
+    train_cls = val_cls = None
+    if m.disjoint_classes:
+        train_cls, val_cls = split_classes(pool, 0.25, cfg.seed)
+    size = cfg.data.image_size
+    tr = EpisodeSampler(pool, "train", m.ways, m.shots, m.queries,
+                        build_transform(size, dinfo["mean"], dinfo["std"], train=m.augment, seed=cfg.seed),
+                        m.task_mode, seed=cfg.seed, classes=train_cls)
+    va = EpisodeSampler(pool, "val", m.ways, m.shots, m.queries,
+                        build_transform(size, dinfo["mean"], dinfo["std"], train=False),
+                        m.task_mode, seed=cfg.seed + 10_000, classes=val_cls)
+    print(f"[meta] {m.algorithm}: meta-train {tr.describe()}; meta-val {va.describe()}", flush=True)
+    mlflow.log_text(f"meta-train: {tr.describe()}\nmeta-val: {va.describe()}\n", "tasks.txt")
+
+    learner = MetaLearner(model, m.algorithm, m.inner_lr, m.inner_steps, head=head_prefix(model)).to(dev)
+    if m.algorithm == "reptile":  # SGD on the pseudo-gradient -(θ̃-θ) is θ <- θ + ε(θ̃-θ)
+        opt = torch.optim.SGD(learner.meta_parameters(), lr=m.reptile_epsilon)
+    else:
+        opt = torch.optim.Adam(learner.meta_parameters(), lr=m.outer_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(m.lr_schedule, m.iterations))
+    batched = m.batched
+
+    start, best_acc, best_state = 0, -1.0, None
+    key = mlflow.active_run().data.tags.get("pipeline.stage_key", "")
+    found = find_resume_state(key) if key and inputs.get("resume", True) else None
+    if found:
+        rid, st = found
+        learner.load_state_dict(st["learner"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        torch.set_rng_state(st["rng"])
+        start, best_acc, best_state = st["iteration"], st["best_acc"], st["best_state"]
+        mlflow.set_tag("resumed_from", rid)
+        print(f"[meta] resuming run {rid} at iteration {start}/{m.iterations}", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="meta-"))
+
+    def validate() -> tuple[float, float]:
+        tot_l = tot_a = 0.0
+        for i in range(0, m.val_tasks, m.meta_batch):
+            n = min(m.meta_batch, m.val_tasks - i)
+            b = va.batch(i, n).to(dev)
+            with autocast(dev):
+                vl, vacc = learner.evaluate(b.xs, b.ys, b.xq, b.yq)
+            tot_l, tot_a = tot_l + vl * n, tot_a + vacc * n
+        return tot_l / m.val_tasks, tot_a / m.val_tasks
+
+    t0 = time.time()
+    bar = tqdm(range(start, m.iterations), desc=f"meta/{m.algorithm}", initial=start, total=m.iterations,
+               dynamic_ncols=True)
+    for it in bar:
+        try:
+            b = tr.batch(it * m.meta_batch, m.meta_batch).to(dev)
+            opt.zero_grad(set_to_none=True)
+            with autocast(dev):
+                loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=batched)
+        except RuntimeError as e:
+            if not batched or "vmap" not in str(e).lower():
+                raise
+            batched = False  # modules that vmap cannot batch: fall back to the per-task loop
+            print(f"[meta] vmap not supported by this model ({e}); using the per-task loop", flush=True)
+            opt.zero_grad(set_to_none=True)
+            with autocast(dev):
+                loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=False)
+        opt.step()
+        sched.step()
+        metrics = {"meta_train_loss": loss, "meta_train_acc": acc, "outer_lr": sched.get_last_lr()[0]}
+        last = it + 1 == m.iterations
+        if (it + 1) % m.val_every == 0 or last:
+            vl, va_acc = validate()
+            metrics |= {"meta_val_loss": vl, "meta_val_acc": va_acc}
+            if va_acc > best_acc:  # model selection on meta-validation tasks only
+                best_acc = va_acc
+                best_state = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
+                metrics["meta_val_best_acc"] = best_acc
+            bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{va_acc:.3f}")
+        mlflow.log_metrics(metrics, step=it + 1)
+        if (it + 1) % m.checkpoint_every == 0 or last:
+            state = {"learner": learner.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "rng": torch.get_rng_state(), "iteration": it + 1, "best_acc": best_acc,
+                     "best_state": best_state}
+            _atomic_save(state, work / "last.pt")
+            mlflow.log_artifact(str(work / "last.pt"), "state")
+    elapsed = time.time() - t0
+    done = m.iterations - start
+    if done:
+        mlflow.log_metrics({"meta_seconds": elapsed, "meta_tasks_per_s": done * m.meta_batch / max(elapsed, 1e-9)})
+
+    if best_state is not None:
+        learner.load_state_dict(best_state)
+    # The one place running statistics are written: averaged over source meta-train images.
+    model.to(dev)
+    n = recalibrate_bn(model, (torch.cat([e.xs[0], e.xq[0]]).to(dev)
+                               for e in (tr.batch(10**6 + i, 1) for i in range(m.bn_recalibration_batches))))
+    mlflow.log_metric("bn_recalibration_batches", n)
+    path = work / "model.pt"
+    save_checkpoint(path, model, ckpt["model_name"], {"info": ckpt.get("info", {}), "meta_algorithm": m.algorithm,
+                                                        "meta_val_best_acc": best_acc})
+    mlflow.log_artifact(str(path), "checkpoint")
+    if m.algorithm == "metasgd":
+        lrs = torch.cat([p.detach().flatten() for p in learner.lrs.parameters()])
+        mlflow.log_metrics({"metasgd_lr_mean": lrs.mean().item(), "metasgd_lr_std": lrs.std().item()})
+    print(f"[meta] done: best meta-val accuracy {best_acc:.3f}", flush=True)
+    return {"checkpoint_uri": mlflow.get_artifact_uri("checkpoint/model.pt"), "algorithm": m.algorithm}
