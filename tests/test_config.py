@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, PipelineConfig, load_config, parse_override
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_yaml_is_the_builtin_default():
+    assert yaml.safe_load((REPO / "configs/default.yaml").read_text()) == PipelineConfig().to_dict()
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "gpu"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["meta.iterations=7", "finetune.shots=[5,20]", "meta.inner_lr=1",
+                             "finetune.augment=false", "finetune.seeds=3"])
+    assert cfg.meta.iterations == 7 and cfg.finetune.shots == [5, 20]
+    assert isinstance(cfg.meta.inner_lr, float) and cfg.meta.inner_lr == 1.0
+    assert cfg.finetune.augment is False
+    assert load_config(None, ["finetune.shots=20"]).finetune.shots == [20]
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("meta.iteratons=5", "unknown config key 'meta.iteratons'"),
+    ("nosuch.x=1", "unknown config key 'nosuch'"),
+    ("meta.iterations=ten", "config key 'meta.iterations'"),
+    ("finetune.augment=3", "expected true/false"),
+    ("finetune.shots=[5,x]", "finetune.shots[1]"),
+    ("meta.algorithm=protonet", "is not one of"),
+    ("meta=3", "is a section"),
+    ("novalue", "key=value"),
+    ("finetune.arms=[transfer,imagenet21k]", "unknown arm"),
+])
+def test_bad_overrides_are_clear_errors(override, msg):
+    with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("meta:\n  algoritm: maml\n")
+    with pytest.raises(ConfigError, match="meta.algoritm"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_parse_override_nesting_and_hash_changes():
+    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+    assert PipelineConfig().hash() != load_config(None, ["seed=1"]).hash()
