@@ -58,14 +58,17 @@ def _composite_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: T
 
 
 @contextmanager
-def batch_stats_only(model: nn.Module) -> Iterator[None]:
-    """Normalise with batch statistics and leave BatchNorm running buffers untouched (train mode)."""
+def batch_stats_only(model: nn.Module, composite_bn: bool = True) -> Iterator[None]:
+    """Normalise with batch statistics and leave BatchNorm running buffers untouched (train mode).
+
+    `composite_bn` swaps in the exact-under-vmap BatchNorm; the per-task loop can keep torch's fused kernel."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.track_running_stats, m.training) for m in bns]
     for m in bns:
         m.track_running_stats = False
         m.train()
-    F.batch_norm = _composite_batch_norm  # BatchNorm modules (torch's and timm's) call F.batch_norm
+    if composite_bn:
+        F.batch_norm = _composite_batch_norm  # BatchNorm modules (torch's and timm's) call F.batch_norm
     try:
         yield
     finally:
@@ -197,7 +200,7 @@ class MetaLearner(nn.Module):
         SGD step with lr ε gives θ ← θ + ε·mean(θ̃ − θ).
         """
         params, T = self.params(), xs.shape[0]
-        with batch_stats_only(self.model):
+        with batch_stats_only(self.model, composite_bn=batched):
             if self.algorithm == "reptile":
                 if batched:
                     deltas, losses, accs = vmap(self.reptile_delta, in_dims=(None, 0, 0, 0, 0),
@@ -227,7 +230,7 @@ class MetaLearner(nn.Module):
         """Few-shot accuracy on held-out tasks: first-order adaptation, no meta-gradient, no buffer writes."""
         tot_l = tot_a = 0.0
         T = xs.shape[0]
-        with batch_stats_only(self.model), torch.no_grad():
+        with batch_stats_only(self.model, composite_bn=False), torch.no_grad():
             params = {k: v.detach() for k, v in self.params().items()}
             for t in range(T):
                 out = self.adapt_task(params, xs[t], ys[t], first_order=True)(xq[t])

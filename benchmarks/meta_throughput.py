@@ -1,0 +1,197 @@
+"""Meta-train throughput and peak memory per algorithm, side by side with learn2learn's MAML and plain
+supervised SGD over the same image passes. One process; prints a table and, last, a RESULT line.
+
+    python benchmarks/meta_throughput.py [--device cpu|cuda] [--iters 3] [--model tf_efficientnet_lite0]
+
+Episodes are real 5-way tasks from the source pool when PIPELINE_DATA_ROOT (or ../shared/data) holds it.
+Memory: on CUDA, torch's peak allocated bytes; on CPU, the peak rise of the process's resident set above
+its level before the method, sampled every 2 ms by a thread.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
+from pipeline.meta import MetaLearner, batch_stats_only  # noqa: E402
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or sampled RSS rise on CPU."""
+
+    def __init__(self, dev: torch.device):
+        self.dev, self.peak = dev, 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so the baseline is honest
+        except OSError:
+            pass
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.stop = False
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.thread.join()
+
+
+def episodes(args, dev, mean, std):
+    root = Path(os.environ.get("PIPELINE_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    n_s, n_q = args.ways * args.shots, args.ways * args.queries
+    if (root / "knee_oa_64.npz").is_file():
+        from pipeline.config import load_config
+        from pipeline.data import load_sources
+        from pipeline.tasks import EpisodeSampler
+        from pipeline.transforms import build_transform
+        cfg = load_config(None, [f"data.root={root}"])
+        pool = load_sources(cfg)
+        s = EpisodeSampler(pool, "train", args.ways, args.shots, args.queries,
+                           build_transform(args.size, mean, std, False), "across", seed=0)
+        print(f"episodes: real {args.ways}-way {args.shots}-shot {args.queries}-query tasks from {root}")
+        return [s.batch(i * args.tasks, args.tasks).to(dev) for i in range(args.iters + 1)]
+    print("episodes: random tensors (no source data found)")
+    from pipeline.tasks import Episodes
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(args.iters + 1):
+        ys = torch.arange(args.ways).repeat_interleave(args.shots).repeat(args.tasks, 1)
+        yq = torch.arange(args.ways).repeat_interleave(args.queries).repeat(args.tasks, 1)
+        out.append(Episodes(torch.randn(args.tasks, n_s, 3, args.size, args.size, generator=g), ys,
+                            torch.randn(args.tasks, n_q, 3, args.size, args.size, generator=g), yq).to(dev))
+    return out
+
+
+def bench(name, step, batches, dev, tasks, results):
+    step(batches[0])  # warm-up (allocator, cuDNN autotune)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    with PeakMemory(dev) as mem:
+        t0 = time.perf_counter()
+        for b in batches[1:]:
+            step(b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    rate = tasks * (len(batches) - 1) / dt
+    results[name] = (rate, mem.peak)
+    print(f"{name:<22} {rate:8.3f} tasks/s   peak memory {mem.peak / 2**20:9.1f} MiB", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tf_efficientnet_lite0")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--ways", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--queries", type=int, default=15)
+    ap.add_argument("--inner-steps", type=int, default=5)
+    ap.add_argument("--inner-lr", type=float, default=0.01)
+    ap.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
+    ap.add_argument("--iters", type=int, default=3, help="timed meta-batches per method (after one warm-up)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-batched", action="store_true", help="per-task loop instead of vmap for our methods")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}, timm {timm.__version__}, model {args.model} @ {args.size}px, "
+          f"{args.tasks} tasks/meta-batch, {args.inner_steps} inner steps")
+    base, _, _ = create_backbone(args.model, num_classes=args.ways)
+    d = resolve_data_info(base)
+    batches = episodes(args, dev, d["mean"], d["std"])
+    results: dict[str, tuple[float, int]] = {}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def fresh():
+        m, _, _ = create_backbone(args.model, num_classes=args.ways)
+        return m.to(dev)
+
+    for alg in ("maml", "fomaml", "anil", "reptile", "metasgd"):
+        learner = MetaLearner(fresh(), alg, args.inner_lr, args.inner_steps, head=head_prefix(base)).to(dev)
+        opt = torch.optim.Adam(learner.meta_parameters(), 1e-3)
+
+        def step(b, learner=learner, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=not args.no_batched)
+            opt.step()
+        bench(alg, step, batches, dev, args.tasks, results)
+        del learner, opt
+
+    # plain supervised SGD over the same image passes as (FO)MAML: per task, inner_steps passes over the
+    # support set, then one pass over the query set, each forward + backward + step.
+    model = fresh().train()
+    sgd = torch.optim.SGD(model.parameters(), lr=args.inner_lr)
+
+    def sup_step(b):
+        for t in range(args.tasks):
+            for x, y in [(b.xs[t], b.ys[t])] * args.inner_steps + [(b.xq[t], b.yq[t])]:
+                sgd.zero_grad(set_to_none=True)
+                with amp:
+                    F.cross_entropy(model(x), y).backward()
+                sgd.step()
+    bench("supervised", sup_step, batches, dev, args.tasks, results)
+    del model, sgd
+
+    try:
+        import learn2learn as l2l
+    except ImportError:
+        l2l = None
+        print("learn2learn not installed: skipping it (bash ../shared/tools/install-learn2learn.sh installs it)")
+    if l2l is not None:
+        for first_order in (False, True):
+            maml = l2l.algorithms.MAML(fresh().train(), lr=args.inner_lr, first_order=first_order)
+            opt = torch.optim.Adam(maml.parameters(), 1e-3)
+
+            def l2l_step(b, maml=maml, opt=opt):  # learn2learn's documented loop, per-task backward
+                opt.zero_grad(set_to_none=True)
+                for t in range(args.tasks):
+                    learner = maml.clone()
+                    with amp:
+                        for _ in range(args.inner_steps):
+                            learner.adapt(F.cross_entropy(learner(b.xs[t]), b.ys[t]))
+                        (F.cross_entropy(learner(b.xq[t]), b.yq[t]) / args.tasks).backward()
+                opt.step()
+            bench(f"l2l-maml{'-fo' if first_order else ''}", l2l_step, batches, dev, args.tasks, results)
+            del maml, opt
+
+    def ratio(a, b, i=0):
+        return f"{results[a][i] / results[b][i]:.2f}" if a in results and b in results and results[b][i] else "nan"
+    print(f"RESULT maml_vs_l2l={ratio('maml', 'l2l-maml')} maml_mem_vs_l2l={ratio('maml', 'l2l-maml', 1)} "
+          f"fomaml_vs_supervised={ratio('fomaml', 'supervised')} anil_vs_fomaml={ratio('anil', 'fomaml')}")
+
+
+if __name__ == "__main__":
+    main()
