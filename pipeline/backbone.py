@@ -182,13 +182,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def build_from_checkpoint(ckpt: dict[str, Any], num_classes: int, seed: int = 0) -> nn.Module:
+def build_from_checkpoint(ckpt: dict[str, Any], num_classes: int, seed: int = 0, **timm_kwargs: Any) -> nn.Module:
     """The checkpoint's body (strictly loaded) with a fresh seeded head of `num_classes` outputs.
 
     ImageNet backbones and meta-learned checkpoints load the same way."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(ckpt["model_name"], pretrained=False, num_classes=num_classes)
+        model = timm.create_model(ckpt["model_name"], pretrained=False, num_classes=num_classes, **timm_kwargs)
     head = head_prefix(model) + "."
     body = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(head)}
     missing, unexpected = model.load_state_dict(body, strict=False)

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk = dsub.add_parser("check", help="validate the configured target and source data sets and print a table")
     _add_config_args(chk)
 
+    pr = sub.add_parser("predict", help="class probabilities for images from a logged or registered model")
+    pr.add_argument("--model", required=True, metavar="URI",
+                    help="models:/<name>/<version>, models:/<name>@<alias>, runs:/<run_id>/model or a local path")
+    pr.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+
     u = sub.add_parser("ui", help="start the MLflow UI on the project's store")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
@@ -80,6 +85,22 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return check_all(cfg)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from .predict import expand_inputs, load_model, predict_files
+    from .tracking import default_tracking_uri
+
+    mlflow.set_tracking_uri(default_tracking_uri())
+    files = expand_inputs(args.images)
+    model, spec = load_model(args.model)
+    prob = predict_files(model, spec, files)
+    print(",".join(["image", *[f"prob_{c}" for c in spec["class_names"]], "predicted"]))
+    for f, p in zip(files, prob):
+        print(",".join([str(f), *[f"{v:.4f}" for v in p], spec["class_names"][int(p.argmax())]]))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from .tracking import default_tracking_uri
 
@@ -105,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "data":
             return cmd_data_check(args)
+        if args.command == "predict":
+            return cmd_predict(args)
         if args.command == "ui":
             return cmd_ui(args)
     except (ConfigError, DataError, WeightsError, PipelineError) as e:

@@ -14,9 +14,10 @@ from typing import Any
 
 import mlflow
 
+from . import distributed
 from .config import PipelineConfig
-from .tracking import (code_version, find_finished_run, git_commit, log_config, run_outputs, setup_tracking,
-                       tracked_run)
+from .tracking import (code_version, find_finished_run, git_commit, log_config, main_client, run_outputs,
+                       setup_tracking, tracked_run)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Runner:
         rid = explicit_upstream(stage, up, self.cfg)
         if rid:
             try:
-                run = mlflow.get_run(rid)
+                run = main_client().get_run(rid)
             except Exception as e:
                 raise PipelineError(f"{stage}: upstream {up} run {rid} not found in the store ({e})") from e
             if run.info.status != "FINISHED" or run.data.tags.get("pipeline.stage") != up:
@@ -100,6 +101,14 @@ class Runner:
         return self.find(up)
 
     def run(self, stages: list[str]) -> dict[str, dict[str, str]]:
+        if distributed.world()[1] > 1:
+            if stages != ["meta"]:
+                raise PipelineError("under torchrun, run `--stage meta` alone (run the other stages without torchrun)")
+            if not distributed.is_main():  # read the project's store, write to a private one
+                side = distributed.side_store()
+                mlflow.set_tracking_uri(f"sqlite:///{side / 'mlflow.db'}")
+                mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+                    self.cfg.experiment, artifact_location=(side / "artifacts").as_uri()))
         multi = len(stages) > 1
         tags = {"pipeline.code_version": self.code, "mlflow.source.git.commit": git_commit(),
                 "pipeline.config_hash": self.cfg.hash()}
@@ -115,7 +124,7 @@ class Runner:
     def _run_stage(self, stage: str, tags: dict[str, str], nested: bool, parent_id: str | None) -> None:
         inputs: dict[str, Any] = {u: self.resolve(stage, u) for u in upstream_of(stage, self.cfg)}
         key = stage_key(stage, self.cfg, {u: o["run_id"] for u, o in inputs.items()}, self.code)
-        if not self.force:
+        if not self.force and distributed.world()[1] == 1:
             prev = find_finished_run(self.exp_id, stage, key)
             if prev is not None:
                 print(f"[{stage}] reusing finished run {prev.info.run_id} (same config, code and upstream runs; "

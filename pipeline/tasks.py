@@ -90,6 +90,7 @@ class EpisodeSampler:
             yq += [label] * self.queries
         return torch.stack(xs), torch.tensor(ys), torch.stack(xq), torch.tensor(yq)
 
-    def batch(self, first_index: int, n_tasks: int) -> Episodes:
-        eps = [self.episode(first_index + t) for t in range(n_tasks)]
+    def batch(self, first_index: int, n_tasks: int, share: range | None = None) -> Episodes:
+        """Episodes first_index .. first_index+n_tasks-1, or only those at positions `share` of them."""
+        eps = [self.episode(first_index + t) for t in (share if share is not None else range(n_tasks))]
         return Episodes(*(torch.stack([e[j] for e in eps]) for j in range(4)))

@@ -25,9 +25,18 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').resolve() / 'mlflow.db'}"
 
 
+MAIN_STORE = {"uri": ""}  # the project's store; ranks > 0 of a torchrun job log elsewhere but read it
+
+
+def main_client():
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=MAIN_STORE["uri"] or None)
+
+
 def setup_tracking(experiment: str) -> str:
     """Point MLflow at the store and select (or create) the experiment; returns the experiment id."""
     uri = default_tracking_uri()
+    MAIN_STORE["uri"] = uri
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -106,11 +115,11 @@ def tracked_run(name: str, tags: dict[str, str], nested: bool = False,
 
 def find_finished_run(experiment_id: str, stage: str, stage_key: str) -> Run | None:
     """Latest FINISHED run of `stage` whose stage key (config, code version, upstream runs) matches."""
-    runs = mlflow.search_runs(
+    runs = main_client().search_runs(
         [experiment_id],
         filter_string=f"tags.`pipeline.stage` = '{stage}' and tags.`pipeline.stage_key` = '{stage_key}' "
                       f"and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+        order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 

@@ -8,20 +8,57 @@ import time
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline.backbone import build_from_checkpoint, create_backbone, head_prefix, load_checkpoint, resolve_data_info
 from pipeline.config import PipelineConfig
 from pipeline.data import DataError, ImageDataset, load_target, sample_kshot
 from pipeline.device import configure, device_name, resolve_device
 from pipeline.metrics import classification_metrics
+from pipeline.predict import PREPROCESS_FILE, preprocess_spec
 from pipeline.tracking import download
 from pipeline.train import fit, predict_proba
 from pipeline.transforms import build_transform
 
 
-def load_arms(cfg: PipelineConfig, inputs: dict) -> dict[str, dict | None]:
+def log_model(model, spec: dict, example: np.ndarray, work: Path) -> str:
+    """mlflow.pytorch model with signature, input example and the preprocessing spec; returns its URI."""
+    from mlflow.models import infer_signature
+    (work / PREPROCESS_FILE).write_text(json.dumps(spec, indent=1))
+    model = model.cpu().eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(example)).softmax(-1).numpy()
+    import timm
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]  # skips slow inference
+    info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, out),
+                                    input_example=example, extra_files=[str(work / PREPROCESS_FILE)],
+                                    pip_requirements=reqs)
+    return info.model_uri
+
+
+def register_best(index: list[dict], registry: str) -> dict[str, str]:
+    """Register each arm's run with the best validation AUC (never test) as `<registry>-<arm>`."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient()
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in index):
+        best = max((r for r in index if r["arm"] == arm and r.get("model_uri")), key=lambda r: r["best_val_auc"],
+                   default=None)
+        if best is None:
+            continue
+        mv = mlflow.register_model(best["model_uri"], f"{registry}-{arm}")
+        for key in ("k", "seed", "best_val_auc", "test_auc", "run_id"):
+            client.set_model_version_tag(mv.name, mv.version, key, str(best[key]))
+        out[arm] = f"models:/{mv.name}/{mv.version}"
+        print(f"[finetune] registered {out[arm]} (k={best['k']}, seed={best['seed']}, "
+              f"val AUC {best['best_val_auc']:.3f})", flush=True)
+    return out
+
+
+def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, dict | None], dict]:
     """Arm name -> checkpoint (None: random init of the backbone's architecture)."""
     backbone = load_checkpoint(download(inputs["backbone"]["checkpoint_uri"]))
     arms: dict[str, dict | None] = {}
@@ -61,6 +98,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                        "target.n_test": len(te)})
     out_dir = Path(tempfile.mkdtemp(prefix="finetune-")) / "predictions"
     out_dir.mkdir()
+    spec = preprocess_spec(size, dinfo["mean"], dinfo["std"], target.class_names, model_name)
+    example = eval_t(te.images[0])[None].numpy()
     index = []
     t_start = time.time()
     for k in ft.shots:
@@ -101,8 +140,10 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                     mlflow.log_metrics({"best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc,
                                         "seconds": time.time() - t0, **{f"test_{m}": v for m, v in test.items()}})
                     mlflow.log_artifact(str(out_dir / fname), "predictions")
+                    model_uri = log_model(model, spec, example, out_dir.parent) if ft.log_models else ""
                     index.append({"arm": arm, "k": k, "seed": s, "file": fname, "run_id": child.info.run_id,
-                                  "best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc})
+                                  "best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc,
+                                  "test_auc": test["auc"], "model_uri": model_uri})
                 print(f"[finetune] {name}: val AUC {res.best_val_auc:.3f} (epoch {res.best_epoch + 1}), "
                       f"test AUC {test['auc']:.3f}, {time.time() - t0:.1f}s", flush=True)
     meta = {"class_names": target.class_names, "dataset": target.name, "source": target.source,
@@ -110,4 +151,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     (out_dir / "index.json").write_text(json.dumps(meta, indent=1))
     mlflow.log_artifacts(str(out_dir), "predictions")  # the stage run holds the full set for evaluate
     mlflow.log_metric("finetune_seconds", time.time() - t_start)
-    return {"predictions_uri": mlflow.get_artifact_uri("predictions")}
+    out = {"predictions_uri": mlflow.get_artifact_uri("predictions")}
+    if ft.log_models and ft.registry_name:
+        out |= {f"model.{arm}": uri for arm, uri in register_best(index, ft.registry_name).items()}
+    return out

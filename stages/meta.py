@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 import torch
-from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from pipeline.backbone import build_from_checkpoint, head_prefix, load_checkpoint, resolve_data_info, save_checkpoint
@@ -22,7 +21,8 @@ from pipeline.data import load_sources
 from pipeline.device import autocast, configure, device_name, resolve_device
 from pipeline.meta import MetaLearner, recalibrate_bn
 from pipeline.tasks import EpisodeSampler, split_classes
-from pipeline.tracking import download
+from pipeline import distributed
+from pipeline.tracking import download, main_client
 from pipeline.transforms import build_transform
 
 
@@ -34,13 +34,13 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 def find_resume_state(stage_key: str) -> tuple[str, dict] | None:
     """The training state of the latest interrupted (KILLED/FAILED) meta run with the same stage key."""
-    run = mlflow.active_run()
-    runs = mlflow.search_runs(
-        [run.info.experiment_id],
+    client = main_client()
+    exp = client.get_experiment_by_name(mlflow.get_experiment(mlflow.active_run().info.experiment_id).name)
+    runs = client.search_runs(
+        [exp.experiment_id],
         filter_string=f"tags.`pipeline.stage` = 'meta' and tags.`pipeline.stage_key` = '{stage_key}' "
-                      f"and attributes.status != 'FINISHED' and attributes.run_id != '{run.info.run_id}'",
-        order_by=["attributes.start_time DESC"], max_results=5, output_format="list")
-    client = MlflowClient()
+                      f"and attributes.status != 'FINISHED' and attributes.run_id != '{mlflow.active_run().info.run_id}'",
+        order_by=["attributes.start_time DESC"], max_results=5)
     for r in runs:
         if r.info.status == "RUNNING":
             continue
@@ -59,12 +59,18 @@ def lr_lambda(schedule: str, iterations: int):
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     m = cfg.meta
     dev = resolve_device(cfg.device)
+    distributed.init(dev)
+    dev = distributed.local_device(dev)
+    rank, world = distributed.world()
+    share = distributed.task_share(m.meta_batch)
     configure(dev)
     mlflow.set_tags({"device": device_name(dev), "algorithm": m.algorithm, "backbone": cfg.backbone.model})
     torch.manual_seed(cfg.seed)  # dropout inside the model draws from torch's generator; saved on checkpoints
 
     ckpt = load_checkpoint(download(inputs["backbone"]["checkpoint_uri"]))
-    model = build_from_checkpoint(ckpt, num_classes=m.ways, seed=cfg.seed).to(dev)
+    # No dropout while meta-learning: adaptation is then a deterministic function of the task, the same
+    # whether tasks run in one process or are split across ranks.
+    model = build_from_checkpoint(ckpt, num_classes=m.ways, seed=cfg.seed, drop_rate=0.0).to(dev)
     dinfo = resolve_data_info(model)
     pool = load_sources(cfg)
     train_cls = val_cls = None
@@ -77,7 +83,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     va = EpisodeSampler(pool, "val", m.ways, m.shots, m.queries,
                         build_transform(size, dinfo["mean"], dinfo["std"], train=False),
                         m.task_mode, seed=cfg.seed + 10_000, classes=val_cls)
-    print(f"[meta] {m.algorithm}: meta-train {tr.describe()}; meta-val {va.describe()}", flush=True)
+    print(f"[meta] {m.algorithm}: meta-train {tr.describe()}; meta-val {va.describe()}"
+          + (f"; rank {rank}/{world} takes tasks {list(share)} of each meta-batch" if world > 1 else ""), flush=True)
     mlflow.log_text(f"meta-train: {tr.describe()}\nmeta-val: {va.describe()}\n", "tasks.txt")
 
     learner = MetaLearner(model, m.algorithm, m.inner_lr, m.inner_steps, head=head_prefix(model)).to(dev)
@@ -118,7 +125,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                dynamic_ncols=True)
     for it in bar:
         try:
-            b = tr.batch(it * m.meta_batch, m.meta_batch).to(dev)
+            b = tr.batch(it * m.meta_batch, m.meta_batch, share).to(dev)
             opt.zero_grad(set_to_none=True)
             with autocast(dev):
                 loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=batched)
@@ -130,6 +137,14 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
             opt.zero_grad(set_to_none=True)
             with autocast(dev):
                 loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=False)
+        if world > 1:  # this rank's mean over its tasks -> its share of the global mean, then sum over ranks
+            frac = len(share) / m.meta_batch
+            grads = [p.grad for p in learner.meta_parameters() if p.grad is not None]
+            for g in grads:
+                g.mul_(frac)
+            stats = torch.tensor([loss * frac, acc * frac], dtype=torch.float64)
+            distributed.all_reduce_sum(grads + [stats])
+            loss, acc = stats.tolist()
         opt.step()
         sched.step()
         metrics = {"meta_train_loss": loss, "meta_train_acc": acc, "outer_lr": sched.get_last_lr()[0]}
@@ -143,7 +158,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                 metrics["meta_val_best_acc"] = best_acc
             bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{va_acc:.3f}")
         mlflow.log_metrics(metrics, step=it + 1)
-        if (it + 1) % m.checkpoint_every == 0 or last:
+        if ((it + 1) % m.checkpoint_every == 0 or last) and rank == 0:
             state = {"learner": learner.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "rng": torch.get_rng_state(), "iteration": it + 1, "best_acc": best_acc,
                      "best_state": best_state}

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 
-def cli(args, cwd, uri, check=True, **kw):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+def cli(args, cwd, uri, check=True, env=None, **kw):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **(env or {})}
     p = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
                        text=True, timeout=900, **kw)
     if check and p.returncode != 0:
@@ -174,3 +174,92 @@ def test_meta_interrupted_by_sigterm_resumes_to_the_same_weights(tmp_path, real_
     assert set(resumed) == set(full)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
+
+
+def test_own_jpeg_folder_three_classes_end_to_end(tmp_path, real_data):
+    """A real folder of JPEGs (made from the Kermany npz, 3 classes: normal/bacterial/viral) runs through
+    finetune and evaluate, with class names kept in order and macro AUC."""
+    from PIL import Image
+    z = np.load(real_data / "kermany_pneumonia_64.npz")
+    names = ["normal", "bacterial", "viral"]
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 6), ("test", 10)):
+        labels = z[f"{split}_labels3"][:, 0]
+        for c, name in enumerate(names):
+            for i in rng.choice(np.flatnonzero(labels == c), n, replace=False):
+                p = tmp_path / "xrays" / split / name / f"{i}.jpg"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(z[f"{split}_images"][i]).save(p, quality=95)
+    (tmp_path / "xrays" / "train" / "normal" / "README.txt").write_text("not an image")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--config", SMOKE, "--set", f"data.root={real_data}", "--set", f"target.path={tmp_path / 'xrays'}",
+            "--set", "target.class_names=[normal,bacterial,viral]", "--set", "finetune.arms=[scratch,transfer]",
+            "--set", "finetune.shots=[4]", "--set", "finetune.val_per_class=0"]
+    chk = cli(["data", "check", *args], tmp_path, uri)
+    assert "ignored 1 non-image file(s)" in chk.stdout and "[12, 12, 12]" in chk.stdout
+    cli(["run", "--stage", "backbone,finetune,evaluate", *args], tmp_path, uri)
+    ev = next(r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "evaluate")
+    mlflow.set_tracking_uri(uri)
+    d = Path(mlflow.artifacts.download_artifacts(run_id=ev.info.run_id, dst_path=str(tmp_path / "ev")))
+    res = json.loads((d / "results.json").read_text())
+    assert res["class_names"] == names and len(res["rows"]) == 4
+    df = pd.read_csv(d / "predictions" / "transfer_k4_seed0.csv")
+    assert list(df.columns) == ["index", "label", "prob_normal", "prob_bacterial", "prob_viral"] and len(df) == 30
+    m = classification_metrics(df.label.to_numpy(), df.iloc[:, 2:].to_numpy())
+    row = next(r for r in res["rows"] if r["arm"] == "transfer" and r["seed"] == 0)
+    assert row["auc"] == pytest.approx(m["auc"], abs=1e-12)
+
+
+def test_torchrun_two_processes_gloo_equal_single_process(tmp_path, real_data):
+    """Meta-batch tasks split over 2 gloo processes with all-reduced meta-gradients give the weights of one
+    process running all tasks."""
+    root = ["--set", f"data.root={real_data}"]
+    args = ["--config", SMOKE, "--set", "meta.algorithm=maml", "--set", "meta.iterations=3",
+            "--set", "meta.meta_batch=4", "--set", "meta.val_every=3", *root]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli(["run", "--stage", "backbone", *args], tmp_path, uri)
+    # one thread, like each torchrun worker: tiny 32 px tasks make BatchNorm amplify the rounding differences
+    # between thread counts, and this test is about the split of tasks, not about threads
+    cli(["run", "--stage", "meta", *args], tmp_path, uri, env={"OMP_NUM_THREADS": "1"})
+    _, single = final_meta_weights(uri, "fewshot-medmeta-smoke")
+    uri2 = f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}"
+    (tmp_path / "two").mkdir()
+    cli(["run", "--stage", "backbone", *args], tmp_path / "two", uri2)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri2, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "pipeline", "run", "--stage", "meta", *args], cwd=tmp_path / "two", env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "rank 1/2 takes tasks [2, 3]" in p.stdout + p.stderr
+    _, two = final_meta_weights(uri2, "fewshot-medmeta-smoke")  # exactly one finished meta run: rank 0's
+    for k in single:
+        torch.testing.assert_close(two[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_predict_with_registered_model_matches_test_predictions(smoke):
+    """`predict` on a registered model, with the preprocessing stored beside it, reproduces the finetune
+    stage's own test-set probabilities for the same images."""
+    from PIL import Image
+    rs = runs(smoke["uri"], "fewshot-medmeta-smoke")
+    ft = next(r for r in rs if r.data.tags.get("pipeline.stage") == "finetune")
+    uri = ft.data.tags["out.model.transfer"]
+    assert uri.startswith("models:/fewshot-medmeta-transfer/")
+    client = MlflowClient(smoke["uri"])
+    name, version = uri[len("models:/"):].split("/")
+    mv = client.get_model_version(name, version)
+    child = client.get_run(mv.tags["run_id"])
+    z = np.load(smoke["root"] / "kermany_pneumonia_64.npz")
+    imgs = smoke["dir"] / "imgs"
+    imgs.mkdir(exist_ok=True)
+    for i in range(5):
+        Image.fromarray(z["test_images"][i]).save(imgs / f"{i}.png")
+    p = cli(["predict", "--model", uri, str(imgs)], smoke["dir"], smoke["uri"])
+    lines = p.stdout.strip().splitlines()
+    assert lines[0] == "image,prob_0,prob_1,predicted" and len(lines) == 6
+    got = np.array([[float(v) for v in line.split(",")[1:3]] for line in lines[1:]])
+    mlflow.set_tracking_uri(smoke["uri"])
+    k, s = child.data.params["k"], child.data.params["seed"]
+    csv = mlflow.artifacts.download_artifacts(run_id=ft.info.run_id, artifact_path=f"predictions/transfer_k{k}_seed{s}.csv")
+    expected = pd.read_csv(csv)[["prob_0", "prob_1"]].to_numpy()[:5]
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    assert mv.tags["best_val_auc"] and float(mv.tags["test_auc"]) > 0

@@ -1,0 +1,59 @@
+"""`python -m pipeline predict`: class probabilities from a logged model, with the preprocessing stored beside it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+
+from .data import IMAGE_SUFFIXES, DataError, read_image
+from .transforms import build_transform
+
+PREPROCESS_FILE = "preprocess.json"
+
+
+def preprocess_spec(size: int, mean, std, class_names: list[str], model_name: str) -> dict:
+    """What `predict` needs to rebuild the eval transform exactly; stored with every logged model."""
+    return {"image_size": size, "mean": list(mean), "std": list(std), "class_names": list(class_names),
+            "model_name": model_name, "channels": 3}
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p} not found; give image files or folders of images")
+    if not out:
+        raise DataError(f"no images found in {paths}")
+    return out
+
+
+def load_model(uri: str) -> tuple[torch.nn.Module, dict]:
+    """A logged model (`models:/name/version`, `runs:/id/model`, a path) and its preprocessing spec."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:
+        raise DataError(f"cannot load model {uri!r} ({e}); use models:/<name>/<version> or runs:/<run_id>/model") \
+            from e
+    spec_file = next(iter(local.rglob(PREPROCESS_FILE)), None)
+    if spec_file is None:
+        raise DataError(f"model {uri} has no {PREPROCESS_FILE}; it was not logged by this pipeline")
+    model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+    return model.eval(), json.loads(spec_file.read_text())
+
+
+@torch.no_grad()
+def predict_files(model: torch.nn.Module, spec: dict, files: list[Path], batch_size: int = 64) -> np.ndarray:
+    t = build_transform(spec["image_size"], spec["mean"], spec["std"], train=False)
+    out = []
+    for i in range(0, len(files), batch_size):
+        x = torch.stack([t(read_image(f)) for f in files[i:i + batch_size]])
+        out.append(model(x).float().softmax(-1).numpy())
+    return np.concatenate(out)
