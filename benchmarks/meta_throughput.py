@@ -121,13 +121,15 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
     ap.add_argument("--iters", type=int, default=3, help="timed meta-batches per method (after one warm-up)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-batched", action="store_true", help="per-task loop instead of vmap for our methods")
+    ap.add_argument("--batched", action="store_true",
+                    help="vmap over the tasks of a meta-batch (meta.batched=true) instead of the default per-task loop")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"torch {torch.__version__}, timm {timm.__version__}, model {args.model} @ {args.size}px, "
-          f"{args.tasks} tasks/meta-batch, {args.inner_steps} inner steps")
+          f"{args.tasks} tasks/meta-batch, {args.inner_steps} inner steps, "
+          f"{'vmap over tasks' if args.batched else 'per-task loop'}")
     base, _, _ = create_backbone(args.model, num_classes=args.ways)
     d = resolve_data_info(base)
     batches = episodes(args, dev, d["mean"], d["std"])
@@ -145,7 +147,7 @@ def main() -> None:
         def step(b, learner=learner, opt=opt):
             opt.zero_grad(set_to_none=True)
             with amp:
-                learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=not args.no_batched)
+                learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=args.batched)
             opt.step()
         bench(alg, step, batches, dev, args.tasks, results)
         del learner, opt

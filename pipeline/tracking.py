@@ -40,6 +40,11 @@ def setup_tracking(experiment: str) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    launched = os.environ.get("MLFLOW_RUN_ID")  # started by `mlflow run`: work inside that run's experiment
+    if launched:
+        exp_id = main_client().get_run(launched).info.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
+        return exp_id
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         exp_id = exp.experiment_id

@@ -35,7 +35,7 @@ def log_model(model, spec: dict, example: np.ndarray, work: Path) -> str:
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]  # skips slow inference
     info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, out),
                                     input_example=example, extra_files=[str(work / PREPROCESS_FILE)],
-                                    pip_requirements=reqs)
+                                    pip_requirements=reqs, serialization_format="pickle")
     return info.model_uri
 
 

@@ -263,3 +263,85 @@ def test_predict_with_registered_model_matches_test_predictions(smoke):
     expected = pd.read_csv(csv)[["prob_0", "prob_1"]].to_numpy()[:5]
     np.testing.assert_allclose(got, expected, atol=2e-4)
     assert mv.tags["best_val_auc"] and float(mv.tags["test_auc"]) > 0
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_in_headless_chromium(smoke, tmp_path):
+    """`mlflow server` on 127.0.0.1 over the smoke store; headless Chromium opens the experiment, sees the
+    parent and child runs, opens the compare view of the finetune runs with their AUC, and saves a screenshot."""
+    import shutil
+    import urllib.request
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromium-driver are missing; .ci/run installs them")
+        pytest.skip("apt-get install chromium chromium-driver to run the browser test")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(smoke["uri"])
+    exp = client.get_experiment_by_name("fewshot-medmeta-smoke")
+    ft = [r for r in runs(smoke["uri"], exp.name) if r.data.tags.get("pipeline.stage") == "finetune-run"]
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", smoke["uri"],
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1600,1000",
+              f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        opts.add_argument(a)
+    driver = None
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=2).read().strip() == b"OK":
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not come up"
+            time.sleep(0.5)
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+        wait = WebDriverWait(driver, 60)
+        driver.get(f"{base}/#/experiments/{exp.experiment_id}")
+        wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'pipeline')]")))
+        driver.save_screenshot(str(tmp_path / "experiment.png"))
+        ids = ",".join(f'"{r.info.run_id}"' for r in ft)
+        driver.get(f'{base}/#/compare-runs?runs=[{ids}]&experiments=["{exp.experiment_id}"]')
+        wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'test_auc')]")))
+        wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'finetune/transfer/k20/seed0')]")))
+        time.sleep(2)  # let the charts settle before the picture
+        shot = tmp_path / "compare_view.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("PIPELINE_SCREENSHOT_DIR"):
+            shutil.copy(shot, Path(os.environ["PIPELINE_SCREENSHOT_DIR"]) / "compare_view.png")
+    finally:
+        if driver is not None:
+            driver.quit()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_mlflow_run_entry_point(tmp_path, real_data):
+    """`mlflow run . -e backbone` with the local environment runs the stage inside the project run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPELINE_DATA_ROOT": str(real_data)}
+    p = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "backbone", "-P", f"config={SMOKE}",
+                        "--env-manager", "local", "--experiment-name", "mlproject-test"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rs = runs(uri, "mlproject-test")
+    assert len(rs) == 1 and rs[0].info.status == "FINISHED"
+    assert rs[0].data.tags["pipeline.stage"] == "backbone" and "weights_sha256" in rs[0].data.tags
