@@ -52,7 +52,9 @@ def setup_tracking(experiment: str) -> str:
         artifacts = None
         if uri.startswith("sqlite:///"):
             artifacts = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
-        exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+        # MLflow 3's UI opens GenAI views unless the experiment says it is for model training
+        exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts,
+                                          tags={"mlflow.experimentKind": "custom_model_development"})
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
