@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
-from pipeline.meta import MetaLearner, batch_stats_only  # noqa: E402
+from pipeline.meta import MetaLearner  # noqa: E402
 
 
 class PeakMemory:
@@ -165,7 +165,6 @@ def main() -> None:
                     F.cross_entropy(model(x), y).backward()
                 sgd.step()
     bench("supervised", sup_step, batches, dev, args.tasks, results)
-    del model, sgd
 
     try:
         import learn2learn as l2l

@@ -9,7 +9,7 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +203,5 @@ def backbone_info(model: nn.Module, model_name: str, source: str, sha: str, inpu
     d = resolve_data_info(model)
     return BackboneInfo(model_name, source, sha, sum(p.numel() for p in model.parameters()), input_size,
                         d["mean"], d["std"], d["interpolation"])
-
-
-def info_dict(info: BackboneInfo) -> dict[str, Any]:
-    return asdict(info)
 
 

@@ -97,10 +97,6 @@ def log_config(cfg_dict: dict[str, Any]) -> None:
     mlflow.log_text(yaml.safe_dump(cfg_dict, sort_keys=False), "config.yaml")
 
 
-def log_artifact_file(path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path)
-
-
 @contextmanager
 def tracked_run(name: str, tags: dict[str, str], nested: bool = False,
                 system_metrics: bool = True) -> Iterator[Run]:

@@ -1,5 +1,4 @@
 """The ImageNet weights are real, load strictly, and every weight source works offline."""
-import numpy as np
 import pytest
 import skimage.data
 import timm
