@@ -83,6 +83,7 @@ class MetaConfig:
     batched: bool = False  # vmap over a meta-batch's tasks; the per-task loop is faster and far leaner on CPU (benchmark)
     augment: bool = False
     bn_recalibration_batches: int = 20
+    zero_head: bool = True  # start the N-way head at zero: initial loss log(N), no random-head gradients into the body
     from_run: str = ""  # explicit backbone run id
 
 

@@ -71,6 +71,10 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     # No dropout while meta-learning: adaptation is then a deterministic function of the task, the same
     # whether tasks run in one process or are split across ranks.
     model = build_from_checkpoint(ckpt, num_classes=m.ways, seed=cfg.seed, drop_rate=0.0).to(dev)
+    if m.zero_head:  # labels are permuted per task, so a random head only injects noise into the body
+        with torch.no_grad():
+            for p in model.get_classifier().parameters():
+                p.zero_()
     dinfo = resolve_data_info(model)
     pool = load_sources(cfg)
     train_cls = val_cls = None
