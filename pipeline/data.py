@@ -307,7 +307,7 @@ def load_target(cfg) -> LabeledData:
     else:
         data = load_npz(resolve_dataset_path(t.name, cfg.data.root), t.label_key, t.name)
         data.class_names = _name_npz_classes(data, t.class_names)
-    check_usable(data, t.class_names)
+    check_usable(data)
     return data
 
 
@@ -319,11 +319,9 @@ def _name_npz_classes(data: LabeledData, names: Sequence[str]) -> list[str]:
     return list(names) if names else data.class_names
 
 
-def check_usable(data: LabeledData, expected: Sequence[str] = ()) -> None:
-    """Raise DataError if the data set cannot train and evaluate a classifier."""
-    if expected and list(expected) != data.class_names:
-        if len(expected) != len(data.class_names):
-            raise DataError(f"{data.source}: has classes {data.class_names}, config expects {list(expected)}")
+def check_usable(data: LabeledData) -> None:
+    """Raise DataError if the data set cannot train and evaluate a classifier (expected class names are
+    checked where the classes are read: `_from_items` and `_name_npz_classes`)."""
     for s in SPLITS:
         counts = data.counts(s)
         if len(data.splits[s]) == 0:

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
@@ -185,14 +187,14 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     plots = make_plots(res, pred_dir, out)
     summary = summary_metrics(res)
     mlflow.log_metrics(summary)
-    if inputs.get("parent_run_id"):
-        client = MlflowClient()
-        for name, v in summary.items():
-            client.log_metric(inputs["parent_run_id"], name, v)
+    parent = inputs.get("parent_run_id")
+    client = MlflowClient()
+    if parent:  # the parent run lines arms up in the compare view and shows the report
+        client.log_batch(parent, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in summary.items()])
     for p in [out / "results.json", out / "report.md", *plots]:
         mlflow.log_artifact(str(p))
-        if inputs.get("parent_run_id"):
-            MlflowClient().log_artifact(inputs["parent_run_id"], str(p))
+        if parent:
+            client.log_artifact(parent, str(p))
     mlflow.log_artifacts(str(pred_dir), "predictions")
     print(text.split("\n## Config")[0], flush=True)
     return {"results_uri": mlflow.get_artifact_uri("results.json")}
