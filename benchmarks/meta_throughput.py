@@ -70,17 +70,20 @@ class PeakMemory:
 def episodes(args, dev, mean, std):
     root = Path(os.environ.get("PIPELINE_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
     n_s, n_q = args.ways * args.shots, args.ways * args.queries
-    if (root / "knee_oa_64.npz").is_file():
+    from pipeline.config import SOURCE_POOL
+    present = [n for n in SOURCE_POOL if (root / f"{n}.npz").is_file()]
+    if present:
         from pipeline.config import load_config
         from pipeline.data import load_sources
         from pipeline.tasks import EpisodeSampler
         from pipeline.transforms import build_transform
-        cfg = load_config(None, [f"data.root={root}"])
+        cfg = load_config(None, [f"data.root={root}", f"data.sources=[{','.join(present)}]"])
         pool = load_sources(cfg)
         s = EpisodeSampler(pool, "train", args.ways, args.shots, args.queries,
                            build_transform(args.size, mean, std, False), "across", seed=0)
-        print(f"episodes: real {args.ways}-way {args.shots}-shot {args.queries}-query tasks from {root}")
-        return [s.batch(i * args.tasks, args.tasks).to(dev) for i in range(args.iters + 1)]
+        print(f"episodes: real {args.ways}-way {args.shots}-shot {args.queries}-query tasks from {root} "
+              f"({', '.join(present)})")
+        return [s.batch(i * args.tasks, args.tasks).to(dev, args.channels_last) for i in range(args.iters + 1)]
     print("episodes: random tensors (no source data found)")
     from pipeline.tasks import Episodes
     g = torch.Generator().manual_seed(0)
@@ -89,7 +92,8 @@ def episodes(args, dev, mean, std):
         ys = torch.arange(args.ways).repeat_interleave(args.shots).repeat(args.tasks, 1)
         yq = torch.arange(args.ways).repeat_interleave(args.queries).repeat(args.tasks, 1)
         out.append(Episodes(torch.randn(args.tasks, n_s, 3, args.size, args.size, generator=g), ys,
-                            torch.randn(args.tasks, n_q, 3, args.size, args.size, generator=g), yq).to(dev))
+                            torch.randn(args.tasks, n_q, 3, args.size, args.size, generator=g), yq).to(
+                                dev, args.channels_last))
     return out
 
 
@@ -123,13 +127,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batched", action="store_true",
                     help="vmap over the tasks of a meta-batch (meta.batched=true) instead of the default per-task loop")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="every model (ours, learn2learn's, supervised) and every image in channels-last memory")
+    ap.add_argument("--only", default="", help="comma list of methods to run (default: all)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"torch {torch.__version__}, timm {timm.__version__}, model {args.model} @ {args.size}px, "
           f"{args.tasks} tasks/meta-batch, {args.inner_steps} inner steps, "
-          f"{'vmap over tasks' if args.batched else 'per-task loop'}")
+          f"{'vmap over tasks' if args.batched else 'per-task loop'}"
+          f"{', channels-last' if args.channels_last else ''}")
+    only = set(args.only.split(",")) if args.only else None
     base, _, _ = create_backbone(args.model, num_classes=args.ways)
     d = resolve_data_info(base)
     batches = episodes(args, dev, d["mean"], d["std"])
@@ -138,9 +147,11 @@ def main() -> None:
 
     def fresh():
         m, _, _ = create_backbone(args.model, num_classes=args.ways)
-        return m.to(dev)
+        return m.to(dev, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
     for alg in ("maml", "fomaml", "anil", "reptile", "metasgd"):
+        if only and alg not in only:
+            continue
         learner = MetaLearner(fresh(), alg, args.inner_lr, args.inner_steps, head=head_prefix(base)).to(dev)
         opt = torch.optim.Adam(learner.meta_parameters(), 1e-3)
 
@@ -164,7 +175,8 @@ def main() -> None:
                 with amp:
                     F.cross_entropy(model(x), y).backward()
                 sgd.step()
-    bench("supervised", sup_step, batches, dev, args.tasks, results)
+    if not only or "supervised" in only:
+        bench("supervised", sup_step, batches, dev, args.tasks, results)
 
     try:
         import learn2learn as l2l
@@ -173,6 +185,8 @@ def main() -> None:
         print("learn2learn not installed: skipping it (bash ../shared/tools/install-learn2learn.sh installs it)")
     if l2l is not None:
         for first_order in (False, True):
+            if only and f"l2l-maml{'-fo' if first_order else ''}" not in only:
+                continue
             maml = l2l.algorithms.MAML(fresh().train(), lr=args.inner_lr, first_order=first_order)
             opt = torch.optim.Adam(maml.parameters(), 1e-3)
 

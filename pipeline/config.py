@@ -124,6 +124,8 @@ class PipelineConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_workers: int = 0
+    channels_last: str = "auto"  # auto | on | off (auto: on for GPUs, and on CPU except for second-order MAML)
+    compile: bool = False  # torch.compile the fine-tuning model; off unless it measures faster (benchmarks/)
     data: DataConfig = field(default_factory=DataConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -231,6 +233,7 @@ def validate(cfg: PipelineConfig) -> None:
         "meta.lr_schedule": (cfg.meta.lr_schedule, {"cosine", "constant"}),
         "meta.task_mode": (cfg.meta.task_mode, {"within", "across"}),
         "backbone.weights": (cfg.backbone.weights, {"imagenet", "none"}),
+        "channels_last": (cfg.channels_last, {"auto", "on", "off"}),
     }
     for key, (val, allowed) in choices.items():
         if val not in allowed:

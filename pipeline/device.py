@@ -41,3 +41,16 @@ def configure(dev: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def use_channels_last(setting: str, dev: torch.device, second_order: bool = False) -> bool:
+    """'auto': channels-last on GPUs, and on CPU for first-order work only. Measured on the 2-core CPU
+    (tf_efficientnet_lite0, 64 px, 100 images): a forward+backward went 1.09 s -> 0.67 s, but a MAML-style
+    double backward went 5.2 s -> 6.8 s."""
+    if setting != "auto":
+        return setting == "on"
+    return dev.type == "cuda" or not second_order
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x

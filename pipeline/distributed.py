@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,19 +24,48 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def _local() -> tuple[int, int]:
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world()[1]))
+
+
+def backend(device: torch.device) -> str:
+    """NCCL when every local process has a GPU of its own, else gloo (CPU, or several processes per GPU:
+    NCCL refuses two ranks on one device, and small fine-tuning jobs gain from sharing a GPU)."""
+    if device.type == "cuda" and _local()[1] <= torch.cuda.device_count():
+        return "nccl"
+    return "gloo"
+
+
 def init(device: torch.device) -> None:
-    """Join the process group (NCCL on CUDA, gloo on CPU) when started by torchrun."""
+    """Join the process group when started by torchrun (long timeout: ranks meet only between jobs)."""
     rank, size = world()
     if size > 1 and not dist.is_initialized():
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size)
+            torch.cuda.set_device(local_device(device))
+        dist.init_process_group(backend(device), rank=rank, world_size=size, timeout=timedelta(hours=6))
 
 
 def local_device(device: torch.device) -> torch.device:
+    """This process's device: GPUs are dealt out by local rank (several processes may share one)."""
     if device.type == "cuda" and world()[1] > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", _local()[0] % max(torch.cuda.device_count(), 1))
     return device
+
+
+def shard(items: list) -> list:
+    """This rank's share of independent jobs (round robin, so every rank gets a mix of sizes)."""
+    rank, size = world()
+    return items[rank::size]
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (in rank order), None elsewhere; [obj] for a plain run."""
+    rank, size = world()
+    if size == 1 or not dist.is_initialized():
+        return [obj]
+    out = [None] * size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def task_share(n_tasks: int) -> range:

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import mlflow
+import torch
 
 from . import distributed
 from .config import PipelineConfig
@@ -102,8 +103,9 @@ class Runner:
 
     def run(self, stages: list[str]) -> dict[str, dict[str, str]]:
         if distributed.world()[1] > 1:
-            if stages != ["meta"]:
-                raise PipelineError("under torchrun, run `--stage meta` alone (run the other stages without torchrun)")
+            if stages not in (["meta"], ["finetune"]):
+                raise PipelineError("under torchrun, run `--stage meta` or `--stage finetune` alone (run the other "
+                                    "stages without torchrun)")
             if not distributed.is_main():  # read the project's store, write to a private one
                 side = distributed.side_store()
                 mlflow.set_tracking_uri(f"sqlite:///{side / 'mlflow.db'}")
@@ -141,7 +143,11 @@ class Runner:
         print(f"[{stage}] starting", flush=True)
         with tracked_run(stage, stage_tags, nested=nested) as run:
             log_config(self.cfg.to_dict())
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             out = module.run(self.cfg, inputs) or {}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                mlflow.log_metric("peak_gpu_memory_mib", torch.cuda.max_memory_allocated() / 2**20)
             mlflow.set_tags({f"out.{k}": v for k, v in out.items()})
         self.outputs[stage] = {**out, "run_id": run.info.run_id}
         print(f"[{stage}] finished run {run.info.run_id}", flush=True)

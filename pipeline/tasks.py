@@ -33,8 +33,13 @@ class Episodes:
     xq: torch.Tensor
     yq: torch.Tensor
 
-    def to(self, device: torch.device) -> "Episodes":
-        return Episodes(*(t.to(device, non_blocking=True) for t in (self.xs, self.ys, self.xq, self.yq)))
+    def to(self, device: torch.device, channels_last: bool = False) -> "Episodes":
+        """On `device`; with `channels_last` each task's image stack (xs[t], xq[t]) is NHWC in memory."""
+        def images(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device, non_blocking=True)
+            return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if channels_last else x
+        return Episodes(images(self.xs), self.ys.to(device, non_blocking=True), images(self.xq),
+                        self.yq.to(device, non_blocking=True))
 
 
 class EpisodeSampler:

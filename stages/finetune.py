@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import distributed
 from pipeline.backbone import build_from_checkpoint, create_backbone, head_prefix, load_checkpoint, resolve_data_info
 from pipeline.config import PipelineConfig
 from pipeline.data import DataError, ImageDataset, load_target, sample_kshot
-from pipeline.device import configure, device_name, resolve_device
+from pipeline.device import configure, device_name, resolve_device, use_channels_last
 from pipeline.metrics import classification_metrics
 from pipeline.predict import PREPROCESS_FILE, preprocess_spec
 from pipeline.tracking import download
-from pipeline.train import fit, predict_proba
+from pipeline.train import fit, predict_proba, stack_inputs
 from pipeline.transforms import build_transform
 
 
@@ -80,8 +81,12 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, dict | None]
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     ft = cfg.finetune
     dev = resolve_device(cfg.device)
+    distributed.init(dev)
+    dev = distributed.local_device(dev)
+    rank, world = distributed.world()
     configure(dev)
-    mlflow.set_tag("device", device_name(dev))
+    channels_last = use_channels_last(cfg.channels_last, dev)
+    mlflow.set_tags({"device": device_name(dev), "channels_last": str(channels_last), "compile": str(cfg.compile)})
     target = load_target(cfg)
     C = len(target.class_names)
     arms, backbone = load_arms(cfg, inputs)
@@ -93,59 +98,103 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     if len(np.unique(va.labels)) < C:
         raise DataError(f"{target.source}: the validation split lacks some of the classes {target.class_names}; "
                         f"model selection needs every class in val")
-    test_ds = ImageDataset(te.images, te.labels, eval_t)
     mlflow.log_params({"target.classes": json.dumps(target.class_names), "target.source": target.source,
                        "target.n_test": len(te)})
     out_dir = Path(tempfile.mkdtemp(prefix="finetune-")) / "predictions"
     out_dir.mkdir()
     spec = preprocess_spec(size, dinfo["mean"], dinfo["std"], target.class_names, model_name)
     example = eval_t(te.images[0])[None].numpy()
-    index = []
+    x_test = stack_inputs(ImageDataset(te.images, te.labels, eval_t), cfg.num_workers)
+    x_val_all = stack_inputs(ImageDataset(va.images, va.labels, eval_t), cfg.num_workers)
+    n_val = ft.val_per_class or int(np.bincount(va.labels).min())
+    n_val = min(n_val, int(np.bincount(va.labels).min()))
     t_start = time.time()
-    for k in ft.shots:
-        for s in range(ft.seeds):
-            split_seed = cfg.seed * 1000 + s  # one subset per (k, seed), shared by every arm: paired comparisons
-            tr_idx = sample_kshot(tr.labels, k, split_seed, f"{target.source} train split")
-            n_val = ft.val_per_class or int(np.bincount(va.labels).min())
-            va_idx = sample_kshot(va.labels, min(n_val, int(np.bincount(va.labels).min())), split_seed,
-                                  f"{target.source} val split")
-            val_ds = ImageDataset([va.images[i] for i in va_idx], va.labels[va_idx], eval_t)
-            for arm, ckpt in arms.items():
-                name = f"finetune/{arm}/k{k}/seed{s}"
-                with mlflow.start_run(run_name=name, nested=True,
-                                      tags={"pipeline.stage": "finetune-run", "arm": arm, "k": str(k),
-                                            "seed": str(s), "backbone": model_name,
-                                            "dataset": target.name}) as child:
-                    t0 = time.time()
-                    init_seed = split_seed * 7 + 1
-                    if ckpt is None:
-                        model, _, _ = create_backbone(model_name, num_classes=C, weights="none", seed=init_seed)
-                    else:
-                        model = build_from_checkpoint(ckpt, C, seed=init_seed)
-                    train_t = build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed)
-                    train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
-                    mlflow.log_params({"arm": arm, "k": k, "seed": s, "n_train": len(tr_idx), "n_val": len(va_idx),
-                                       "epochs": ft.epochs, "lr_body": ft.lr_body, "lr_head": ft.lr_head,
-                                       "warmup_epochs": ft.warmup_epochs, "image_size": size})
-                    res = fit(model, train_ds, val_ds, ft, dev, seed=split_seed, head=head_prefix(model),
-                              n_classes=C, num_workers=cfg.num_workers,
-                              on_epoch=lambda e, r: mlflow.log_metrics(r, step=e + 1))
-                    prob = predict_proba(model, test_ds, dev, num_workers=cfg.num_workers)  # the one test pass
-                    fname = f"{arm}_k{k}_seed{s}.csv"
-                    df = pd.DataFrame(prob, columns=[f"prob_{c}" for c in target.class_names])
-                    df.insert(0, "label", te.labels)
-                    df.insert(0, "index", np.arange(len(te)))
-                    df.to_csv(out_dir / fname, index=False)
-                    test = classification_metrics(te.labels, prob)
-                    mlflow.log_metrics({"best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc,
-                                        "seconds": time.time() - t0, **{f"test_{m}": v for m, v in test.items()}})
-                    mlflow.log_artifact(str(out_dir / fname), "predictions")
-                    model_uri = log_model(model, spec, example, out_dir.parent) if ft.log_models else ""
-                    index.append({"arm": arm, "k": k, "seed": s, "file": fname, "run_id": child.info.run_id,
-                                  "best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc,
-                                  "test_auc": test["auc"], "model_uri": model_uri})
-                print(f"[finetune] {name}: val AUC {res.best_val_auc:.3f} (epoch {res.best_epoch + 1}), "
-                      f"test AUC {test['auc']:.3f}, {time.time() - t0:.1f}s", flush=True)
+
+    def subsets(k: int, s: int) -> tuple[int, np.ndarray, np.ndarray]:
+        split_seed = cfg.seed * 1000 + s  # one subset per (k, seed), shared by every arm: paired comparisons
+        tr_idx = sample_kshot(tr.labels, k, split_seed, f"{target.source} train split")
+        va_idx = sample_kshot(va.labels, n_val, split_seed, f"{target.source} val split")
+        return split_seed, tr_idx, va_idx
+
+    for k in ft.shots:  # fail on too-few-images before any training, on every rank
+        subsets(k, 0)
+
+    def train_job(k: int, s: int, arm: str, on_epoch=None) -> dict:
+        """One (arm, k, seed) fine-tune and its one test pass; no tracking calls, so any rank can run it."""
+        t0 = time.time()
+        split_seed, tr_idx, va_idx = subsets(k, s)
+        init_seed = split_seed * 7 + 1
+        ckpt = arms[arm]
+        devs = [dev] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devs):  # dropout draws from a per-job seed: jobs are independent
+            torch.manual_seed(init_seed + 1)
+            if ckpt is None:
+                model, _, _ = create_backbone(model_name, num_classes=C, weights="none", seed=init_seed)
+            else:
+                model = build_from_checkpoint(ckpt, C, seed=init_seed)
+            train_t = build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed)
+            train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
+            res = fit(model, train_ds, x_val_all[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev,
+                      seed=split_seed, head=head_prefix(model), n_classes=C, on_epoch=on_epoch,
+                      num_workers=cfg.num_workers, channels_last=channels_last, compile=cfg.compile)
+            prob = predict_proba(model, x_test, dev, channels_last=channels_last)  # the one test pass
+        return {"history": res.history, "best_epoch": res.best_epoch, "best_val_auc": res.best_val_auc,
+                "prob": prob, "n_train": len(tr_idx), "n_val": len(va_idx), "seconds": time.time() - t0,
+                "train_images": res.images_seen, "state": {n: v.cpu() for n, v in model.state_dict().items()}}
+
+    index = []
+
+    def log_job(k: int, s: int, arm: str, res: dict, live: bool) -> None:
+        """The job's nested run (rank 0 only): params, curves (unless logged live), test metrics, files, model."""
+        if not live:
+            for e, rec in enumerate(res["history"]):
+                mlflow.log_metrics(rec, step=e + 1)
+        mlflow.log_params({"arm": arm, "k": k, "seed": s, "n_train": res["n_train"], "n_val": res["n_val"],
+                           "epochs": ft.epochs, "lr_body": ft.lr_body, "lr_head": ft.lr_head,
+                           "warmup_epochs": ft.warmup_epochs, "image_size": size})
+        fname = f"{arm}_k{k}_seed{s}.csv"
+        df = pd.DataFrame(res["prob"], columns=[f"prob_{c}" for c in target.class_names])
+        df.insert(0, "label", te.labels)
+        df.insert(0, "index", np.arange(len(te)))
+        df.to_csv(out_dir / fname, index=False)
+        test = classification_metrics(te.labels, res["prob"])
+        mlflow.log_metrics({"best_epoch": res["best_epoch"] + 1, "best_val_auc": res["best_val_auc"],
+                            "seconds": res["seconds"], "train_images_per_s": res["train_images"] / res["seconds"],
+                            **{f"test_{m}": v for m, v in test.items()}})
+        mlflow.log_artifact(str(out_dir / fname), "predictions")
+        model_uri = ""
+        if ft.log_models:
+            model, _, _ = create_backbone(model_name, num_classes=C, weights="none")
+            model.load_state_dict(res["state"])
+            model_uri = log_model(model, spec, example, out_dir.parent)
+        index.append({"arm": arm, "k": k, "seed": s, "file": fname, "run_id": mlflow.active_run().info.run_id,
+                      "best_epoch": res["best_epoch"] + 1, "best_val_auc": res["best_val_auc"],
+                      "test_auc": test["auc"], "model_uri": model_uri})
+        print(f"[finetune] finetune/{arm}/k{k}/seed{s}: val AUC {res['best_val_auc']:.3f} "
+              f"(epoch {res['best_epoch'] + 1}), test AUC {test['auc']:.3f}, {res['seconds']:.1f}s", flush=True)
+
+    def child_run(k: int, s: int, arm: str):
+        return mlflow.start_run(run_name=f"finetune/{arm}/k{k}/seed{s}", nested=True,
+                                tags={"pipeline.stage": "finetune-run", "arm": arm, "k": str(k), "seed": str(s),
+                                      "backbone": model_name, "dataset": target.name})
+
+    jobs = [(k, s, arm) for k in ft.shots for s in range(ft.seeds) for arm in arms]
+    if world == 1:  # curves go to MLflow live, epoch by epoch
+        for job in jobs:
+            with child_run(*job):
+                log_job(*job, train_job(*job, on_epoch=lambda e, r: mlflow.log_metrics(r, step=e + 1)), live=True)
+    else:  # each rank trains its share; rank 0 receives the results and logs every run, in job order
+        mine = distributed.shard(jobs)
+        print(f"[finetune] rank {rank}/{world} on {dev}: {len(mine)} of {len(jobs)} runs", flush=True)
+        results = {job: train_job(*job) for job in mine}
+        gathered = distributed.gather_to_main(results)
+        if gathered is not None:
+            results = {j: r for part in gathered for j, r in part.items()}
+            for job in jobs:
+                with child_run(*job):
+                    log_job(*job, results[job], live=False)
+    if rank != 0:
+        return {}
     meta = {"class_names": target.class_names, "dataset": target.name, "source": target.source,
             "arms": list(arms), "shots": ft.shots, "seeds": ft.seeds, "runs": index}
     (out_dir / "index.json").write_text(json.dumps(meta, indent=1))

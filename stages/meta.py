@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.backbone import build_from_checkpoint, head_prefix, load_checkpoint, resolve_data_info, save_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.data import load_sources
-from pipeline.device import autocast, configure, device_name, resolve_device
+from pipeline.device import autocast, configure, device_name, resolve_device, use_channels_last
 from pipeline.meta import MetaLearner, recalibrate_bn
 from pipeline.tasks import EpisodeSampler, split_classes
 from pipeline import distributed
@@ -71,6 +71,10 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     # No dropout while meta-learning: adaptation is then a deterministic function of the task, the same
     # whether tasks run in one process or are split across ranks.
     model = build_from_checkpoint(ckpt, num_classes=m.ways, seed=cfg.seed, drop_rate=0.0).to(dev)
+    cl = use_channels_last(cfg.channels_last, dev, second_order=m.algorithm in ("maml", "metasgd"))
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    mlflow.set_tag("channels_last", str(cl))
     if m.zero_head:  # labels are permuted per task, so a random head only injects noise into the body
         with torch.no_grad():
             for p in model.get_classifier().parameters():
@@ -118,7 +122,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         tot_l = tot_a = 0.0
         for i in range(0, m.val_tasks, m.meta_batch):
             n = min(m.meta_batch, m.val_tasks - i)
-            b = va.batch(i, n).to(dev)
+            b = va.batch(i, n).to(dev, cl)
             with autocast(dev):
                 vl, vacc = learner.evaluate(b.xs, b.ys, b.xq, b.yq)
             tot_l, tot_a = tot_l + vl * n, tot_a + vacc * n
@@ -129,7 +133,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                dynamic_ncols=True)
     for it in bar:
         try:
-            b = tr.batch(it * m.meta_batch, m.meta_batch, share).to(dev)
+            b = tr.batch(it * m.meta_batch, m.meta_batch, share).to(dev, cl)
             opt.zero_grad(set_to_none=True)
             with autocast(dev):
                 loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=batched)

@@ -239,6 +239,40 @@ def test_torchrun_two_processes_gloo_equal_single_process(tmp_path, real_data):
         torch.testing.assert_close(two[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def finetune_predictions(uri: str, experiment: str) -> list[dict[str, pd.DataFrame]]:
+    """Test-set predictions of every finished finetune stage run, oldest first."""
+    out = []
+    for r in sorted(runs(uri, experiment), key=lambda r: r.info.start_time):
+        if r.data.tags.get("pipeline.stage") == "finetune" and r.info.status == "FINISHED":
+            d = Path(mlflow.artifacts.download_artifacts(f"{r.info.artifact_uri}/predictions", tracking_uri=uri))
+            out.append({f.name: pd.read_csv(f) for f in sorted(d.glob("*.csv"))})
+    return out
+
+
+def test_torchrun_finetune_spreads_runs_and_equals_single_process(tmp_path, real_data):
+    """Independent (arm, k, seed) fine-tunes dealt over 2 gloo processes give the predictions of one process
+    running them all, and rank 0 logs every nested run."""
+    args = ["--config", SMOKE, "--set", f"data.root={real_data}", "--set", "finetune.arms=[scratch,transfer]",
+            "--set", "finetune.shots=[5]", "--set", "finetune.seeds=2"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli(["run", "--stage", "backbone", *args], tmp_path, uri)
+    cli(["run", "--stage", "finetune", *args], tmp_path, uri, env={"OMP_NUM_THREADS": "1"})  # as each worker
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "pipeline", "run", "--stage", "finetune", *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "rank 1/2" in p.stdout and "2 of 4 runs" in p.stdout
+    single, two = finetune_predictions(uri, "fewshot-medmeta-smoke")
+    assert sorted(two) == sorted(single) == sorted(f"{a}_k5_seed{s}.csv" for a in ("scratch", "transfer")
+                                                    for s in (0, 1))
+    for name in single:
+        np.testing.assert_allclose(two[name].values, single[name].values, rtol=0, atol=1e-6, err_msg=name)
+    children = [r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "finetune-run"]
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
+    assert all("test_auc" in r.data.metrics and "val_auc" in r.data.metrics for r in children)
+
+
 def test_predict_with_registered_model_matches_test_predictions(smoke):
     """`predict` on a registered model, with the preprocessing stored beside it, reproduces the finetune
     stage's own test-set probabilities for the same images."""

@@ -1,0 +1,51 @@
+"""Wall time, peak GPU memory and throughput of each stage run of the latest `--stage all` pipeline run in an
+MLflow store (what the README's GPU table reports).
+
+    python benchmarks/stage_times.py [--experiment fewshot-medmeta-gpu] [--tracking-uri sqlite:///mlruns/mlflow.db]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.tracking import default_tracking_uri  # noqa: E402
+
+SHOW = ("peak_gpu_memory_mib", "meta_tasks_per_s", "meta_seconds", "finetune_seconds", "meta_val_best_acc")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="fewshot-medmeta-gpu")
+    ap.add_argument("--tracking-uri", default="")
+    args = ap.parse_args()
+    client = MlflowClient(args.tracking_uri or default_tracking_uri())
+    exp = client.get_experiment_by_name(args.experiment)
+    if exp is None:
+        sys.exit(f"no experiment {args.experiment!r} in {client.tracking_uri}")
+    runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attributes.start_time DESC"])
+    parent = next((r for r in runs if r.data.tags.get("pipeline.stage") == "pipeline"), None)
+    stages = [r for r in runs if parent and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    if parent is None or not stages:
+        sys.exit("no pipeline run with stage runs found")
+    total = 0.0
+    for r in sorted(stages, key=lambda r: r.info.start_time):
+        secs = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
+        total += secs
+        extra = ", ".join(f"{k}={r.data.metrics[k]:.4g}" for k in SHOW if k in r.data.metrics)
+        children = [c for c in runs if c.data.tags.get("mlflow.parentRunId") == r.info.run_id]
+        if children:  # fine-tune jobs: training images per second, mean over jobs
+            rates = [c.data.metrics["train_images_per_s"] for c in children if "train_images_per_s" in c.data.metrics]
+            if rates:
+                extra += f", {len(children)} runs, train_images_per_s mean={sum(rates) / len(rates):.1f}"
+        print(f"{r.data.tags['pipeline.stage']:<9} {r.info.status:<9} {secs:8.1f} s  {r.data.tags.get('device', '')}  "
+              f"{extra}")
+    p = parent.info
+    print(f"pipeline  {p.status:<9} {((p.end_time or p.start_time) - p.start_time) / 1000:8.1f} s (stages {total:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
