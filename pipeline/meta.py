@@ -7,7 +7,7 @@ running statistics are re-estimated in one defined place, `recalibrate_bn`, befo
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -55,6 +55,77 @@ def _composite_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: T
     if bias is not None:
         y = y + bias.view(shape)
     return y
+
+
+_native_conv2d = F.conv2d
+
+
+def _dw_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride, padding, dilation) -> Tensor:
+    out_pad = [x_shape[2 + i] - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                 + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in (0, 1)]
+    return F.conv_transpose2d(g, w, None, stride, padding, out_pad, w.shape[0], dilation)
+
+
+def _dw_weight_grad(x: Tensor, g: Tensor, w_shape: torch.Size, stride, padding, dilation) -> Tensor:
+    # Sum over the batch as a grouped conv: input channel c*N+n holds x[n, c], filter c holds g[:, c].
+    n, c = x.shape[:2]
+    xr = x.transpose(0, 1).reshape(1, c * n, *x.shape[2:])
+    gr = g.transpose(0, 1).reshape(c, n, *g.shape[2:])
+    gw = _native_conv2d(xr, gr, None, dilation, padding, stride, c)  # stride and dilation swap roles
+    return gw.transpose(0, 1)[:, :, :w_shape[2], :w_shape[3]]
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """Depthwise conv2d whose backward is itself made of (grouped) convolutions. torch's double backward of a
+    grouped conv runs one small convolution per channel (`_convolution_double_backward`), which dominates
+    second-order MAML on EfficientNet-style depthwise layers, on CPU and even more on GPU."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, stride, padding, dilation) -> Tensor:
+        return _native_conv2d(x, w, None, stride, padding, dilation, w.shape[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, stride, padding, dilation = inputs
+        ctx.save_for_backward(x, w)
+        ctx.conf = (stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        conf = ctx.conf
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _dw_input_grad(g, w.to(g.dtype), x.shape, *conf).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = _dw_weight_grad(x.to(g.dtype), g, w.shape, *conf).to(w.dtype)
+        return gx, gw, None, None, None
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+            groups: int = 1) -> Tensor:
+    if (groups > 1 and weight.dim() == 4 and weight.shape[1] == 1 and groups == weight.shape[0] == input.shape[-3]
+            and not isinstance(padding, str)):
+        out = _DepthwiseConv2d.apply(input, weight, _pair(stride), _pair(padding), _pair(dilation))
+        return out if bias is None else out + bias.view(-1, 1, 1)
+    return _native_conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+@contextmanager
+def depthwise_double_backward() -> Iterator[None]:
+    """Route depthwise convolutions through `_DepthwiseConv2d` (same values and gradients, fast second
+    derivatives). Modules (torch's and timm's) call F.conv2d, so swapping it reaches them."""
+    F.conv2d = _conv2d
+    try:
+        yield
+    finally:
+        F.conv2d = _native_conv2d
 
 
 @contextmanager
@@ -125,6 +196,7 @@ class MetaLearner(nn.Module):
         self.model, self.algorithm, self.inner_steps = model, algorithm, inner_steps
         self.inner_lr = inner_lr
         self.first_order = algorithm in ("fomaml", "reptile") if first_order is None else first_order
+        self.fast_depthwise = True  # second-order: depthwise convs through `_DepthwiseConv2d`
         self.head = head.rstrip(".") + "."
         self._features = _Features(model) if algorithm == "anil" else None
         self.lrs = nn.ParameterDict()
@@ -200,7 +272,9 @@ class MetaLearner(nn.Module):
         SGD step with lr ε gives θ ← θ + ε·mean(θ̃ − θ).
         """
         params, T = self.params(), xs.shape[0]
-        with batch_stats_only(self.model, composite_bn=batched):
+        second_order = not self.first_order and self.algorithm != "reptile"
+        with batch_stats_only(self.model, composite_bn=batched), \
+                (depthwise_double_backward() if second_order and self.fast_depthwise else nullcontext()):
             if self.algorithm == "reptile":
                 if batched:
                     deltas, losses, accs = vmap(self.reptile_delta, in_dims=(None, 0, 0, 0, 0),

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.meta import MetaLearner, adapt, batch_stats_only, recalibrate_bn
+from pipeline.meta import MetaLearner, _DepthwiseConv2d, adapt, batch_stats_only, recalibrate_bn
 from tests.tiny import make_tasks, tiny
 
 
@@ -21,10 +21,11 @@ def meta_grad(learner, task, batched=True):
     return {k: p.grad.clone() for k, p in learner.model.named_parameters()}
 
 
+@pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd"])
-def test_second_order_meta_gradient_matches_finite_differences(algorithm, batched):
-    learner = MetaLearner(tiny(), algorithm, inner_lr=0.3, inner_steps=3)
+def test_second_order_meta_gradient_matches_finite_differences(algorithm, batched, depthwise):
+    learner = MetaLearner(tiny(depthwise=depthwise), algorithm, inner_lr=0.3, inner_steps=3)
     task = make_tasks(T=1)
     g = meta_grad(learner, task, batched)
     params = {k: v.detach() for k, v in learner.params().items()}
@@ -37,6 +38,33 @@ def test_second_order_meta_gradient_matches_finite_differences(algorithm, batche
         fd = ((plus - minus) / (2 * eps)).item()
         an = sum((g[k] * v[k]).sum() for k in params).item()
         assert abs(fd - an) / max(abs(fd), 1e-12) < 1e-4, (trial, fd, an)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,k", [(2, 1, 1, 3), (1, 2, 1, 5), (1, 0, 2, 3), (2, 0, 1, 5)])
+def test_depthwise_conv_first_and_second_derivatives(stride, padding, dilation, k):
+    """The depthwise conv whose backward is made of convolutions: same output as F.conv2d, and its first and
+    second derivatives pass torch's numerical checks."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    conf = ((stride,) * 2, (padding,) * 2, (dilation,) * 2)
+
+    def f(x, w):
+        return _DepthwiseConv2d.apply(x, w, *conf)
+    torch.testing.assert_close(f(x, w), F.conv2d(x, w, None, *conf, groups=4), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(f, (x, w)) and torch.autograd.gradgradcheck(f, (x, w))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_fast_depthwise_path_equals_torch_double_backward(batched):
+    task = make_tasks(T=2)
+    fast, slow = (MetaLearner(tiny(depthwise=True), "maml", inner_lr=0.3, inner_steps=3) for _ in range(2))
+    slow.fast_depthwise = False
+    assert fast.fast_depthwise
+    gf, gs = meta_grad(fast, task, batched), meta_grad(slow, task, batched)
+    for k in gs:
+        torch.testing.assert_close(gf[k], gs[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert F.conv2d is torch.nn.functional.conv2d and F.conv2d.__module__ != "pipeline.meta"  # swap undone
 
 
 def test_second_order_differs_from_first_order():
