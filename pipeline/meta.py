@@ -272,9 +272,8 @@ class MetaLearner(nn.Module):
         SGD step with lr ε gives θ ← θ + ε·mean(θ̃ − θ).
         """
         params, T = self.params(), xs.shape[0]
-        second_order = not self.first_order and self.algorithm != "reptile"
         with batch_stats_only(self.model, composite_bn=batched), \
-                (depthwise_double_backward() if second_order and self.fast_depthwise else nullcontext()):
+                (depthwise_double_backward() if not self.first_order and self.fast_depthwise else nullcontext()):
             if self.algorithm == "reptile":
                 if batched:
                     deltas, losses, accs = vmap(self.reptile_delta, in_dims=(None, 0, 0, 0, 0),

@@ -143,10 +143,10 @@ class Runner:
         print(f"[{stage}] starting", flush=True)
         with tracked_run(stage, stage_tags, nested=nested) as run:
             log_config(self.cfg.to_dict())
-            if torch.cuda.is_available():
+            if torch.cuda.is_initialized():  # else the stage starts CUDA itself and the peak starts at zero
                 torch.cuda.reset_peak_memory_stats()
             out = module.run(self.cfg, inputs) or {}
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
+            if torch.cuda.is_initialized():
                 mlflow.log_metric("peak_gpu_memory_mib", torch.cuda.max_memory_allocated() / 2**20)
             mlflow.set_tags({f"out.{k}": v for k, v in out.items()})
         self.outputs[stage] = {**out, "run_id": run.info.run_id}

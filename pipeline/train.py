@@ -32,11 +32,10 @@ def stack_inputs(ds: ImageDataset, num_workers: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, ds: ImageDataset | torch.Tensor, dev: torch.device, batch_size: int = 256,
-                  num_workers: int = 0, channels_last: bool = False) -> np.ndarray:
-    """Softmax probabilities for a data set or a tensor of already transformed images."""
+def predict_proba(model: nn.Module, x_all: torch.Tensor, dev: torch.device, batch_size: int = 256,
+                  channels_last: bool = False) -> np.ndarray:
+    """Softmax probabilities for already transformed images (`stack_inputs`)."""
     model.eval()
-    x_all = ds if isinstance(ds, torch.Tensor) else stack_inputs(ds, num_workers)
     out = []
     for x in x_all.split(batch_size):
         with autocast(dev):
@@ -45,19 +44,18 @@ def predict_proba(model: nn.Module, ds: ImageDataset | torch.Tensor, dev: torch.
     return torch.cat(out).numpy()
 
 
-def fit(model: nn.Module, train: ImageDataset, val: ImageDataset | torch.Tensor, val_labels: np.ndarray,
+def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: np.ndarray,
         ft: FinetuneConfig, dev: torch.device, seed: int, head: str, n_classes: int,
         on_epoch: Callable[[int, dict], None] | None = None, num_workers: int = 0, channels_last: bool = False,
         compile: bool = False) -> FitResult:
     """Train in place; leaves `model` holding the weights of the best validation-AUC epoch.
 
-    `val` may be a data set or its images already transformed (`stack_inputs`), which saves a pass of the
-    eval transform per epoch."""
+    `x_val` holds the validation images already transformed (`stack_inputs`): one eval-transform pass per stage,
+    not per epoch."""
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if compile else model  # shares parameters with `model`
-    x_val = val if isinstance(val, torch.Tensor) else stack_inputs(val, num_workers)
     head = head.rstrip(".") + "."
     head_p = [p for n, p in model.named_parameters() if n.startswith(head)]
     body_p = [p for n, p in model.named_parameters() if not n.startswith(head)]
