@@ -2,6 +2,7 @@
 supervised SGD over the same image passes. One process; prints a table and, last, a RESULT line.
 
     python benchmarks/meta_throughput.py [--device cpu|cuda] [--iters 3] [--model tf_efficientnet_lite0]
+        [--channels-last auto|on|off] [--compile] [--unroll] [--batched] [--only maml,l2l-maml,...]
 
 Episodes are real 5-way tasks from the source pool when PIPELINE_DATA_ROOT (or ../shared/data) holds it.
 Memory: on CUDA, torch's peak allocated bytes; on CPU, the peak rise of the process's resident set above
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
+from pipeline.device import use_channels_last  # noqa: E402
 from pipeline.meta import MetaLearner  # noqa: E402
 
 
@@ -83,7 +85,7 @@ def episodes(args, dev, mean, std):
                            build_transform(args.size, mean, std, False), "across", seed=0)
         print(f"episodes: real {args.ways}-way {args.shots}-shot {args.queries}-query tasks from {root} "
               f"({', '.join(present)})")
-        return [s.batch(i * args.tasks, args.tasks).to(dev, args.channels_last) for i in range(args.iters + 1)]
+        return [s.batch(i * args.tasks, args.tasks) for i in range(args.iters + 1)]
     print("episodes: random tensors (no source data found)")
     from pipeline.tasks import Episodes
     g = torch.Generator().manual_seed(0)
@@ -97,10 +99,12 @@ def episodes(args, dev, mean, std):
     return out
 
 
-def bench(name, step, batches, dev, tasks, results):
-    step(batches[0])  # warm-up (allocator, cuDNN autotune)
+def bench(name, step, batches, dev, tasks, results, cl):
+    t0 = time.perf_counter()
+    step(batches[0])  # warm-up (allocator, cuDNN autotune, torch.compile)
     if dev.type == "cuda":
         torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
         for b in batches[1:]:
@@ -110,7 +114,8 @@ def bench(name, step, batches, dev, tasks, results):
         dt = time.perf_counter() - t0
     rate = tasks * (len(batches) - 1) / dt
     results[name] = (rate, mem.peak)
-    print(f"{name:<22} {rate:8.3f} tasks/s   peak memory {mem.peak / 2**20:9.1f} MiB", flush=True)
+    print(f"{name:<22} {rate:8.3f} tasks/s   peak memory {mem.peak / 2**20:9.1f} MiB   "
+          f"{'channels-last' if cl else 'contiguous   '}   warm-up meta-batch {warm:6.1f} s", flush=True)
 
 
 def main() -> None:
@@ -127,9 +132,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batched", action="store_true",
                     help="vmap over the tasks of a meta-batch (meta.batched=true) instead of the default per-task loop")
-    ap.add_argument("--channels-last", action="store_true",
-                    help="every model (ours, learn2learn's, supervised) and every image in channels-last memory")
+    ap.add_argument("--channels-last", default="off", choices=["auto", "on", "off"],
+                    help="memory format of models and images. on/off: every method alike; auto: each method as "
+                         "the product's rule picks it (pipeline.device.use_channels_last): off only for "
+                         "autograd double backward (unrolled or vmapped MAML/Meta-SGD, learn2learn's MAML)")
     ap.add_argument("--only", default="", help="comma list of methods to run (default: all)")
+    ap.add_argument("--unroll", action="store_true",
+                    help="MAML/Meta-SGD: backprop through the unrolled inner loop (meta.unroll=true) instead of the "
+                         "reverse sweep of Hessian-vector products")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile our per-task functions (meta.compile=true); the untimed warm-up compiles")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -137,22 +149,29 @@ def main() -> None:
           f"torch {torch.__version__}, timm {timm.__version__}, model {args.model} @ {args.size}px, "
           f"{args.tasks} tasks/meta-batch, {args.inner_steps} inner steps, "
           f"{'vmap over tasks' if args.batched else 'per-task loop'}"
-          f"{', channels-last' if args.channels_last else ''}")
+          f", channels-last {args.channels_last}{', unrolled' if args.unroll else ''}"
+          f"{', compiled' if args.compile else ''}")
     only = set(args.only.split(",")) if args.only else None
     base, _, _ = create_backbone(args.model, num_classes=args.ways)
     d = resolve_data_info(base)
-    batches = episodes(args, dev, d["mean"], d["std"])
+    eps = episodes(args, dev, d["mean"], d["std"])
+    batches = {cl: [b.to(dev, cl) for b in eps] for cl in (False, True)}
+
+    def cl_for(double_backward: bool) -> bool:
+        return use_channels_last(args.channels_last, dev, second_order=double_backward)
     results: dict[str, tuple[float, int]] = {}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def fresh():
+    def fresh(cl: bool):
         m, _, _ = create_backbone(args.model, num_classes=args.ways)
-        return m.to(dev, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        return m.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format)
 
     for alg in ("maml", "fomaml", "anil", "reptile", "metasgd"):
         if only and alg not in only:
             continue
-        learner = MetaLearner(fresh(), alg, args.inner_lr, args.inner_steps, head=head_prefix(base)).to(dev)
+        cl = cl_for(alg in ("maml", "metasgd") and (args.unroll or args.batched))
+        learner = MetaLearner(fresh(cl), alg, args.inner_lr, args.inner_steps, head=head_prefix(base),
+                              unroll=args.unroll, compile=args.compile).to(dev)
         opt = torch.optim.Adam(learner.meta_parameters(), 1e-3)
 
         def step(b, learner=learner, opt=opt):
@@ -160,23 +179,25 @@ def main() -> None:
             with amp:
                 learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=args.batched)
             opt.step()
-        bench(alg, step, batches, dev, args.tasks, results)
+        bench(alg, step, batches[cl], dev, args.tasks, results, cl)
         del learner, opt
 
     # plain supervised SGD over the same image passes as (FO)MAML: per task, inner_steps passes over the
     # support set, then one pass over the query set, each forward + backward + step.
-    model = fresh().train()
+    cl = cl_for(False)
+    model = fresh(cl).train()
     sgd = torch.optim.SGD(model.parameters(), lr=args.inner_lr)
+    net = torch.compile(model, dynamic=False) if args.compile else model  # like for like with --compile
 
     def sup_step(b):
         for t in range(args.tasks):
             for x, y in [(b.xs[t], b.ys[t])] * args.inner_steps + [(b.xq[t], b.yq[t])]:
                 sgd.zero_grad(set_to_none=True)
                 with amp:
-                    F.cross_entropy(model(x), y).backward()
+                    F.cross_entropy(net(x), y).backward()
                 sgd.step()
     if not only or "supervised" in only:
-        bench("supervised", sup_step, batches, dev, args.tasks, results)
+        bench("supervised", sup_step, batches[cl], dev, args.tasks, results, cl)
 
     try:
         import learn2learn as l2l
@@ -187,7 +208,8 @@ def main() -> None:
         for first_order in (False, True):
             if only and f"l2l-maml{'-fo' if first_order else ''}" not in only:
                 continue
-            maml = l2l.algorithms.MAML(fresh().train(), lr=args.inner_lr, first_order=first_order)
+            cl = cl_for(not first_order)
+            maml = l2l.algorithms.MAML(fresh(cl).train(), lr=args.inner_lr, first_order=first_order)
             opt = torch.optim.Adam(maml.parameters(), 1e-3)
 
             def l2l_step(b, maml=maml, opt=opt):  # learn2learn's documented loop, per-task backward
@@ -199,7 +221,7 @@ def main() -> None:
                             learner.adapt(F.cross_entropy(learner(b.xs[t]), b.ys[t]))
                         (F.cross_entropy(learner(b.xq[t]), b.yq[t]) / args.tasks).backward()
                 opt.step()
-            bench(f"l2l-maml{'-fo' if first_order else ''}", l2l_step, batches, dev, args.tasks, results)
+            bench(f"l2l-maml{'-fo' if first_order else ''}", l2l_step, batches[cl], dev, args.tasks, results, cl)
             del maml, opt
 
     def ratio(a, b, i=0):

@@ -44,9 +44,10 @@ def configure(dev: torch.device) -> None:
 
 
 def use_channels_last(setting: str, dev: torch.device, second_order: bool = False) -> bool:
-    """'auto': channels-last on GPUs, and on CPU for first-order work only. Measured on the 2-core CPU
-    (tf_efficientnet_lite0, 64 px, 100 images, benchmarks/double_backward.py): a forward+backward went
-    0.66 s -> 0.38 s, but a MAML-style double backward went 3.31 s -> 4.13 s."""
+    """'auto': channels-last on GPUs, and on CPU unless `second_order` work runs through autograd's double
+    backward (unrolled MAML). Measured on the 2-core CPU (tf_efficientnet_lite0, 64 px,
+    benchmarks/double_backward.py, 100 images): a forward+backward went 0.66 s -> 0.38 s, but a double backward
+    3.31 s -> 4.13 s; the reverse sweep's forward-over-reverse products do not lose (benchmarks/meta_throughput.py)."""
     if setting != "auto":
         return setting == "on"
     return dev.type == "cuda" or not second_order

@@ -8,31 +8,82 @@ running statistics are re-estimated in one defined place, `recalibrate_bn`, befo
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 Params = dict[str, Tensor]
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "metasgd")
 
 
 def adapt(loss_fn: Callable[[Params], Tensor], params: Params, lr: float | Params, steps: int,
-          first_order: bool = False) -> Params:
+          first_order: bool = False, grad_fn: Callable[[Params], Params] | None = None,
+          trajectory: list | None = None) -> Params:
     """`steps` SGD steps on `loss_fn` from `params`; `lr` is a float or one LR tensor per parameter.
 
     Second order unless `first_order`: the returned tensors stay differentiable w.r.t. `params` (and `lr`)
-    through every step, so an outer backward gives the exact MAML meta-gradient.
+    through every step, so an outer backward gives the exact MAML meta-gradient. `grad_fn` stands in for
+    `grad(loss_fn)` (e.g. a compiled one). A `trajectory` list receives (θ_i, RNG state) before every step,
+    which is all `adapt_vjp` needs to give the same exact meta-gradient without keeping the steps' graphs.
     """
+    grad_fn = grad_fn or grad(loss_fn)
     fast = params
     for _ in range(steps):
-        g = grad(loss_fn)(fast)
+        if trajectory is not None:
+            trajectory.append((fast, _rng_state(fast)))
+        g = grad_fn(fast)
         if first_order:
             g = {k: v.detach() for k, v in g.items()}
         fast = {k: fast[k] - (lr[k] if isinstance(lr, dict) else lr) * g[k] for k in fast}
     return fast
+
+
+def hvp(loss_fn: Callable[..., Tensor]) -> Callable[..., tuple[Params, Params]]:
+    """(θ, u, *args) -> (∇L(θ), ∇²L(θ)·u) by forward-over-reverse differentiation, for `adapt_vjp`."""
+    def f(params: Params, u: Params, *args) -> tuple[Params, Params]:
+        return jvp(lambda p: grad(loss_fn)(p, *args), (params,), (u,))
+    return f
+
+
+def adapt_vjp(hvp_fn: Callable[[Params, Params], tuple[Params, Params]], trajectory: list,
+              lr: float | Params, v: Params) -> tuple[Params, Params | None]:
+    """The reverse sweep of `adapt`: given v = ∂L/∂θ_K, return ∂L/∂θ_0 and, for per-parameter LRs, ∂L/∂lr.
+
+    Exact second order, like backpropagating through the unrolled steps: θ_{i+1} = θ_i − lr⊙g_i gives
+    ∂L/∂θ_i = v − H_i(lr⊙v) and ∂L/∂lr −= g_i⊙v, with H_i·u from `hvp_fn(θ_i, u) -> (g_i, H_i u)` at the
+    stored θ_i. Each step's forward is recomputed under its recorded RNG state (same dropout masks), so only
+    one step's graph is alive at a time instead of all of them.
+    """
+    per_param = isinstance(lr, dict)
+    lr_grad = {k: torch.zeros_like(t) for k, t in lr.items()} if per_param else None
+    for theta, state in reversed(trajectory):
+        u = {k: (lr[k] if per_param else lr) * v[k] for k in v}
+        with _restored_rng(theta, state):
+            g, hu = hvp_fn(theta, u)
+        if per_param:
+            for k in lr_grad:
+                lr_grad[k] -= g[k] * v[k]
+        v = {k: v[k] - hu[k] for k in v}
+    return v, lr_grad
+
+
+def _rng_state(params: Params) -> tuple:
+    dev = next(iter(params.values())).device
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+
+
+@contextmanager
+def _restored_rng(params: Params, state: tuple) -> Iterator[None]:
+    dev = next(iter(params.values())).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], dev)
+        yield
 
 
 _native_batch_norm = F.batch_norm
@@ -189,8 +240,14 @@ class MetaLearner(nn.Module):
     """
 
     def __init__(self, model: nn.Module, algorithm: str = "maml", inner_lr: float = 0.01, inner_steps: int = 5,
-                 head: str = "classifier", first_order: bool | None = None):
+                 head: str = "classifier", first_order: bool | None = None, unroll: bool = False,
+                 compile: bool = False):
         super().__init__()
+        # Per-task path of MAML/FOMAML/Meta-SGD: `unroll` backpropagates through the inner loop's graphs (all K
+        # steps alive at once); otherwise the same gradient comes from `adapt_vjp`'s reverse sweep, which keeps
+        # only θ_0..θ_K. `compile` runs that sweep's pieces (pure torch.func functions) through torch.compile.
+        self.unroll, self.compile = unroll, compile
+        self._fns: dict[str, Callable] = {}
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
         self.model, self.algorithm, self.inner_steps = model, algorithm, inner_steps
@@ -233,6 +290,23 @@ class MetaLearner(nn.Module):
         n = len(self.head)
         return functional_call(self.model.get_submodule(self.head[:-1]), {k[n:]: v for k, v in head.items()}, (f,))
 
+    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(self.logits(params, x), y)
+
+    def _loss_out(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.logits(params, x)
+        return F.cross_entropy(out, y), out
+
+    def fn(self, name: str) -> Callable:
+        """`grad`, `hvp` or `query` (gradient plus logits) of the full model's loss as pure functions of
+        (params, ..., x, y); compiled once when `compile` (torch.compile traces torch.func transforms, while it
+        cannot trace autograd's double backward). Dropout stays torch's own op, so `adapt_vjp` can replay it."""
+        if name not in self._fns:
+            f = {"grad": grad(self.loss), "hvp": hvp(self.loss), "query": grad(self._loss_out, has_aux=True)}[name]
+            self._fns[name] = (torch.compile(f, dynamic=False, options={"fallback_random": True}) if self.compile
+                               else f)
+        return self._fns[name]
+
     # -- the algorithms ---------------------------------------------------------------------------
     def adapt_task(self, params: Params, xs: Tensor, ys: Tensor, first_order: bool | None = None
                    ) -> Callable[[Tensor], Tensor]:
@@ -253,12 +327,13 @@ class MetaLearner(nn.Module):
         out = self.adapt_task(params, xs, ys)(xq)
         return F.cross_entropy(out, yq), (out.argmax(-1) == yq).float().mean()
 
-    def reptile_delta(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
+    def reptile_delta(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, loop: bool = False
                       ) -> tuple[Params, Tensor, Tensor]:
-        """θ̃ − θ after inner SGD on the support set, plus query loss/accuracy of θ̃ (for logging)."""
+        """θ̃ − θ after inner SGD on the support set, plus query loss/accuracy of θ̃ (for logging).
+        `loop`: called per task (not under vmap), so the possibly compiled `fn("grad")` may serve."""
         params = {k: v.detach() for k, v in params.items()}
-        fast = adapt(lambda p: F.cross_entropy(self.logits(p, xs), ys), params, self.inner_lr,
-                     self.inner_steps, first_order=True)
+        fast = adapt(lambda p: self.loss(p, xs, ys), params, self.inner_lr, self.inner_steps, first_order=True,
+                     grad_fn=(lambda p: self.fn("grad")(p, xs, ys)) if loop else None)
         fast = {k: v.detach() for k, v in fast.items()}
         out = self.logits(fast, xq).detach()
         return ({k: fast[k] - params[k] for k in params}, F.cross_entropy(out, yq),
@@ -272,15 +347,18 @@ class MetaLearner(nn.Module):
         SGD step with lr ε gives θ ← θ + ε·mean(θ̃ − θ).
         """
         params, T = self.params(), xs.shape[0]
+        sweep = not batched and not self.unroll and self.algorithm in ("maml", "fomaml", "metasgd")
+        # the depthwise swap serves autograd's double backward; the sweep differentiates forward-over-reverse
+        fast_dw = not self.first_order and self.fast_depthwise and not sweep
         with batch_stats_only(self.model, composite_bn=batched), \
-                (depthwise_double_backward() if not self.first_order and self.fast_depthwise else nullcontext()):
+                (depthwise_double_backward() if fast_dw else nullcontext()):
             if self.algorithm == "reptile":
                 if batched:
                     deltas, losses, accs = vmap(self.reptile_delta, in_dims=(None, 0, 0, 0, 0),
                                                 randomness="different")(params, xs, ys, xq, yq)
                     mean_delta = {k: v.mean(0) for k, v in deltas.items()}
                 else:
-                    outs = [self.reptile_delta(params, xs[t], ys[t], xq[t], yq[t]) for t in range(T)]
+                    outs = [self.reptile_delta(params, xs[t], ys[t], xq[t], yq[t], loop=True) for t in range(T)]
                     mean_delta = {k: sum(o[0][k] for o in outs) / T for k in params}
                     losses, accs = torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
                 for k, p in params.items():
@@ -292,12 +370,42 @@ class MetaLearner(nn.Module):
                                     randomness="different")(params, xs, ys, xq, yq)
                 losses.mean().backward()
                 return losses.mean().item(), accs.mean().item()
+            if sweep:
+                return self._sweep_backward(params, xs, ys, xq, yq)
             tot_l = tot_a = 0.0
             for t in range(T):  # per-task backward keeps only one task's graph alive
                 loss, acc = self.task_loss(params, xs[t], ys[t], xq[t], yq[t])
                 (loss / T).backward()
                 tot_l, tot_a = tot_l + loss.item() / T, tot_a + acc.item() / T
             return tot_l, tot_a
+
+    def _sweep_backward(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[float, float]:
+        """Per-task meta-gradients with no graph over the inner loop: first-order inner steps that record θ_i,
+        the query gradient at θ_K, then (second order) `adapt_vjp`'s reverse sweep back to θ_0."""
+        T = xs.shape[0]
+        theta = {k: v.detach() for k, v in params.items()}
+        lr = self.lr_dict()
+        lr = {k: v.detach() for k, v in lr.items()} if isinstance(lr, dict) else lr
+        tot_l = tot_a = 0.0
+        for t in range(T):
+            x_s, y_s = xs[t], ys[t]
+            traj = None if self.first_order else []
+            fast = adapt(None, theta, lr, self.inner_steps, first_order=True,
+                         grad_fn=lambda p: self.fn("grad")(p, x_s, y_s), trajectory=traj)
+            v, out = self.fn("query")(fast, xq[t], yq[t])
+            lr_grad = None
+            if traj is not None:
+                v, lr_grad = adapt_vjp(lambda p, u: self.fn("hvp")(p, u, x_s, y_s), traj, lr, v)
+            for k, p in params.items():
+                p.grad = v[k] / T if p.grad is None else p.grad + v[k] / T
+            for k, g in (lr_grad or {}).items():
+                p = self.lrs[k.replace(".", "__")]
+                p.grad = g / T if p.grad is None else p.grad + g / T
+            out = out.detach()
+            out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+            tot_l += F.cross_entropy(out, yq[t]).item() / T
+            tot_a += (out.argmax(-1) == yq[t]).float().mean().item() / T
+        return tot_l, tot_a
 
     def evaluate(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[float, float]:
         """Few-shot accuracy on held-out tasks: first-order adaptation, no meta-gradient, no buffer writes."""

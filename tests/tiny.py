@@ -4,13 +4,15 @@ from torch import nn
 
 
 class TinyNet(nn.Module):
-    def __init__(self, n_classes: int = 3, in_ch: int = 3, width: int = 4, act=nn.Tanh, depthwise: bool = False):
+    def __init__(self, n_classes: int = 3, in_ch: int = 3, width: int = 4, act=nn.Tanh, depthwise: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, width, 3, padding=1)
         self.bn = nn.BatchNorm2d(width)
         self.act = act()
         # EfficientNet-style strided depthwise conv (exercises the meta module's depthwise double backward)
         self.dw = nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width) if depthwise else nn.Identity()
+        self.drop = nn.Dropout(dropout)  # timm's classifier dropout (drop_rate)
         self.classifier = nn.Linear(width, n_classes)
 
     def forward_features(self, x):
@@ -18,7 +20,7 @@ class TinyNet(nn.Module):
 
     def forward_head(self, x, pre_logits: bool = False):
         x = x.mean((2, 3))
-        return x if pre_logits else self.classifier(x)
+        return x if pre_logits else self.classifier(self.drop(x))
 
     def get_classifier(self):
         return self.classifier
