@@ -243,9 +243,10 @@ class MetaLearner(nn.Module):
                  head: str = "classifier", first_order: bool | None = None, unroll: bool = False,
                  compile: bool = False):
         super().__init__()
-        # Per-task path of MAML/FOMAML/Meta-SGD: `unroll` backpropagates through the inner loop's graphs (all K
-        # steps alive at once); otherwise the same gradient comes from `adapt_vjp`'s reverse sweep, which keeps
-        # only θ_0..θ_K. `compile` runs that sweep's pieces (pure torch.func functions) through torch.compile.
+        # Per-task path: `unroll` backpropagates through the inner loop's graphs (all K steps alive at once);
+        # otherwise MAML/FOMAML/Meta-SGD get the same gradient from `adapt_vjp`'s reverse sweep, which keeps only
+        # θ_0..θ_K, and ANIL from one functional grad. `compile` runs those pure torch.func functions through
+        # torch.compile.
         self.unroll, self.compile = unroll, compile
         self._fns: dict[str, Callable] = {}
         if algorithm not in ALGORITHMS:
@@ -297,12 +298,18 @@ class MetaLearner(nn.Module):
         out = self.logits(params, x)
         return F.cross_entropy(out, y), out
 
+    def _anil_loss_out(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.adapt_task(params, xs, ys)(xq)
+        return F.cross_entropy(out, yq), out
+
     def fn(self, name: str) -> Callable:
-        """`grad`, `hvp` or `query` (gradient plus logits) of the full model's loss as pure functions of
-        (params, ..., x, y); compiled once when `compile` (torch.compile traces torch.func transforms, while it
-        cannot trace autograd's double backward). Dropout stays torch's own op, so `adapt_vjp` can replay it."""
+        """`grad`, `hvp` or `query` (gradient plus logits) of the full model's loss, or `anil` (ANIL's whole
+        meta-gradient plus query logits), as pure functions of (params, ..., x, y); compiled once when `compile`
+        (torch.compile traces torch.func transforms, while it cannot trace autograd's double backward). Dropout
+        stays torch's own op, so `adapt_vjp` can replay it."""
         if name not in self._fns:
-            f = {"grad": grad(self.loss), "hvp": hvp(self.loss), "query": grad(self._loss_out, has_aux=True)}[name]
+            f = {"grad": grad(self.loss), "hvp": hvp(self.loss), "query": grad(self._loss_out, has_aux=True),
+                 "anil": grad(self._anil_loss_out, has_aux=True)}[name]
             self._fns[name] = (torch.compile(f, dynamic=False, options={"fallback_random": True}) if self.compile
                                else f)
         return self._fns[name]
@@ -347,7 +354,7 @@ class MetaLearner(nn.Module):
         SGD step with lr ε gives θ ← θ + ε·mean(θ̃ − θ).
         """
         params, T = self.params(), xs.shape[0]
-        sweep = not batched and not self.unroll and self.algorithm in ("maml", "fomaml", "metasgd")
+        sweep = not batched and not self.unroll and self.algorithm in ("maml", "fomaml", "metasgd", "anil")
         # the depthwise swap serves autograd's double backward; the sweep differentiates forward-over-reverse
         fast_dw = not self.first_order and self.fast_depthwise and not sweep
         with batch_stats_only(self.model, composite_bn=batched), \
@@ -381,7 +388,8 @@ class MetaLearner(nn.Module):
 
     def _sweep_backward(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[float, float]:
         """Per-task meta-gradients with no graph over the inner loop: first-order inner steps that record θ_i,
-        the query gradient at θ_K, then (second order) `adapt_vjp`'s reverse sweep back to θ_0."""
+        the query gradient at θ_K, then (second order) `adapt_vjp`'s reverse sweep back to θ_0. ANIL's inner
+        loop is a few head steps, so its meta-gradient is one functional `grad` through them."""
         T = xs.shape[0]
         theta = {k: v.detach() for k, v in params.items()}
         lr = self.lr_dict()
@@ -389,6 +397,11 @@ class MetaLearner(nn.Module):
         tot_l = tot_a = 0.0
         for t in range(T):
             x_s, y_s = xs[t], ys[t]
+            if self.algorithm == "anil":  # second order through the head only: one functional gradient
+                v, out = self.fn("anil")(theta, x_s, y_s, xq[t], yq[t])
+                self._accumulate(params, v, None, T)
+                tot_l, tot_a = self._tally(out, yq[t], tot_l, tot_a, T)
+                continue
             traj = None if self.first_order else []
             fast = adapt(None, theta, lr, self.inner_steps, first_order=True,
                          grad_fn=lambda p: self.fn("grad")(p, x_s, y_s), trajectory=traj)
@@ -396,16 +409,22 @@ class MetaLearner(nn.Module):
             lr_grad = None
             if traj is not None:
                 v, lr_grad = adapt_vjp(lambda p, u: self.fn("hvp")(p, u, x_s, y_s), traj, lr, v)
-            for k, p in params.items():
-                p.grad = v[k] / T if p.grad is None else p.grad + v[k] / T
-            for k, g in (lr_grad or {}).items():
-                p = self.lrs[k.replace(".", "__")]
-                p.grad = g / T if p.grad is None else p.grad + g / T
-            out = out.detach()
-            out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-            tot_l += F.cross_entropy(out, yq[t]).item() / T
-            tot_a += (out.argmax(-1) == yq[t]).float().mean().item() / T
+            self._accumulate(params, v, lr_grad, T)
+            tot_l, tot_a = self._tally(out, yq[t], tot_l, tot_a, T)
         return tot_l, tot_a
+
+    def _accumulate(self, params: Params, g: Params, lr_grad: Params | None, T: int) -> None:
+        for k, p in params.items():
+            p.grad = g[k] / T if p.grad is None else p.grad + g[k] / T
+        for k, gl in (lr_grad or {}).items():
+            p = self.lrs[k.replace(".", "__")]
+            p.grad = gl / T if p.grad is None else p.grad + gl / T
+
+    @staticmethod
+    def _tally(out: Tensor, y: Tensor, tot_l: float, tot_a: float, T: int) -> tuple[float, float]:
+        out = out.detach()
+        out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+        return (tot_l + F.cross_entropy(out, y).item() / T, tot_a + (out.argmax(-1) == y).float().mean().item() / T)
 
     def evaluate(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[float, float]:
         """Few-shot accuracy on held-out tasks: first-order adaptation, no meta-gradient, no buffer writes."""
