@@ -1,5 +1,6 @@
 """Seconds per forward + backward and per MAML-style double backward of a timm model, with torch's depthwise
-double backward or `pipeline.meta`'s `_DepthwiseConv2d`, contiguous or channels-last; profiler op counts.
+double backward or `pipeline.meta`'s `_DepthwiseConv2d`, and per forward-over-reverse Hessian-vector product (the
+reverse sweep's unit of work), contiguous or channels-last; profiler op counts.
 
     python benchmarks/double_backward.py [--device cpu] [--size 64] [--batch 100] [--reps 2]
 
@@ -16,10 +17,11 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.meta import depthwise_double_backward  # noqa: E402
+from pipeline.meta import batch_stats_only, depthwise_double_backward  # noqa: E402
 
 
 def main() -> None:
@@ -43,6 +45,12 @@ def main() -> None:
         g = torch.autograd.grad(F.cross_entropy(model(x_in), y), list(model.parameters()), create_graph=True)
         sum((gi * gi).sum() for gi in g).backward()
 
+    def hvp():  # the reverse sweep's product (pipeline.meta.adapt_vjp): forward-over-reverse, no double backward
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        u = {k: torch.ones_like(v) for k, v in params.items()}
+        with batch_stats_only(model, composite_bn=False):
+            jvp(grad(lambda p: F.cross_entropy(functional_call(model, p, (x_in,)), y)), (params,), (u,))
+
     def timed(fn, ctx):
         with ctx():
             fn()  # warm-up
@@ -64,15 +72,19 @@ def main() -> None:
         name = "channels-last" if fmt == torch.channels_last else "contiguous"
         print(f"{name:<14} forward+backward {timed(first, nullcontext):.2f} s   "
               f"double backward: torch {timed(second, nullcontext):.2f} s, "
-              f"_DepthwiseConv2d {timed(second, depthwise_double_backward):.2f} s", flush=True)
+              f"_DepthwiseConv2d {timed(second, depthwise_double_backward):.2f} s; "
+              f"forward-over-reverse Hessian-vector product {timed(hvp, nullcontext):.2f} s", flush=True)
     model.to(memory_format=torch.contiguous_format)
     x_in = x
-    for label, ctx in (("torch", nullcontext), ("_DepthwiseConv2d", depthwise_double_backward)):
+    for label, fn, ctx in (("double backward, torch", second, nullcontext),
+                           ("double backward, _DepthwiseConv2d", second, depthwise_double_backward),
+                           ("forward-over-reverse Hessian-vector product", hvp, nullcontext)):
         with ctx(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            second()
+            fn()
         counts = {e.key: e.count for e in prof.key_averages()}
-        print(f"ops in one double backward ({label}): "
-              + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("aten::_convolution", "aten::slice", "aten::copy_")))
+        print(f"ops in one {label}: " + ", ".join(
+            f"{k} {counts.get(k, 0)}" for k in ("aten::_convolution", "aten::convolution_backward", "aten::slice",
+                                                 "aten::copy_")))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -28,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
 from pipeline.device import use_channels_last  # noqa: E402
 from pipeline.meta import MetaLearner  # noqa: E402
+
+
+METHODS = ("maml", "fomaml", "anil", "reptile", "metasgd", "supervised", "l2l-maml", "l2l-maml-fo")
 
 
 class PeakMemory:
@@ -114,6 +119,7 @@ def bench(name, step, batches, dev, tasks, results, cl):
         dt = time.perf_counter() - t0
     rate = tasks * (len(batches) - 1) / dt
     results[name] = (rate, mem.peak)
+    print("ROW " + json.dumps({"name": name, "rate": rate, "peak": mem.peak}), flush=True)
     print(f"{name:<22} {rate:8.3f} tasks/s   peak memory {mem.peak / 2**20:9.1f} MiB   "
           f"{'channels-last' if cl else 'contiguous   '}   warm-up meta-batch {warm:6.1f} s", flush=True)
 
@@ -136,13 +142,19 @@ def main() -> None:
                     help="memory format of models and images. on/off: every method alike; auto: each method as "
                          "the product's rule picks it (pipeline.device.use_channels_last): off only for "
                          "autograd double backward (unrolled or vmapped MAML/Meta-SGD, learn2learn's MAML)")
-    ap.add_argument("--only", default="", help="comma list of methods to run (default: all)")
+    ap.add_argument("--only", default="", help=f"comma list of methods to run in this process (default: each of "
+                                                f"{','.join(METHODS)} in a fresh process of its own)")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run all methods one after another in this process (measured: a method's rate then "
+                         "depends on what ran before it, e.g. learn2learn MAML 0.13 vs 0.18 tasks/s)")
     ap.add_argument("--unroll", action="store_true",
                     help="MAML/Meta-SGD: backprop through the unrolled inner loop (meta.unroll=true) instead of the "
                          "reverse sweep of Hessian-vector products")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile our per-task functions (meta.compile=true); the untimed warm-up compiles")
     args = ap.parse_args()
+    if not args.only and not args.same_process:
+        return isolated(args)
     dev = torch.device(args.device)
     torch.manual_seed(0)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
@@ -199,11 +211,12 @@ def main() -> None:
     if not only or "supervised" in only:
         bench("supervised", sup_step, batches[cl], dev, args.tasks, results, cl)
 
-    try:
-        import learn2learn as l2l
-    except ImportError:
-        l2l = None
-        print("learn2learn not installed: skipping it (bash ../shared/tools/install-learn2learn.sh installs it)")
+    l2l = None
+    if not only or any(m.startswith("l2l") for m in only):
+        try:
+            import learn2learn as l2l
+        except ImportError:
+            print("learn2learn not installed: skipping it (bash ../shared/tools/install-learn2learn.sh installs it)")
     if l2l is not None:
         for first_order in (False, True):
             if only and f"l2l-maml{'-fo' if first_order else ''}" not in only:
@@ -224,6 +237,28 @@ def main() -> None:
             bench(f"l2l-maml{'-fo' if first_order else ''}", l2l_step, batches[cl], dev, args.tasks, results, cl)
             del maml, opt
 
+    print_result(results)
+
+
+def isolated(args) -> None:
+    """Each method in a fresh process (same arguments plus --only), so none inherits another's heap,
+    thread pools or compiled kernels; rows are collected from the children's ROW lines."""
+    results: dict[str, tuple[float, int]] = {}
+    argv = [a for a in sys.argv[1:]]
+    for i, m in enumerate(METHODS):
+        p = subprocess.run([sys.executable, __file__, *argv, "--only", m], capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            if line.startswith("ROW "):
+                r = json.loads(line[4:])
+                results[r["name"]] = (r["rate"], r["peak"])
+            elif not line.startswith("RESULT") and (i == 0 or not line.startswith(("device ", "episodes: "))):
+                print(line, flush=True)
+        if p.returncode != 0:
+            print(f"{m}: failed (exit {p.returncode})\n{p.stderr[-2000:]}", flush=True)
+    print_result(results)
+
+
+def print_result(results: dict[str, tuple[float, int]]) -> None:
     def ratio(a, b, i=0):
         return f"{results[a][i] / results[b][i]:.2f}" if a in results and b in results and results[b][i] else "nan"
     print(f"RESULT maml_vs_l2l={ratio('maml', 'l2l-maml')} maml_mem_vs_l2l={ratio('maml', 'l2l-maml', 1)} "

@@ -384,14 +384,17 @@ def test_mlflow_run_entry_point(tmp_path, real_data):
     assert rs[0].data.tags["pipeline.stage"] == "backbone" and "weights_sha256" in rs[0].data.tags
 
 
-@pytest.mark.parametrize("algorithm", ["anil", "metasgd"])
-def test_meta_stage_runs_each_algorithm(tmp_path, real_data, algorithm):
-    """maml, fomaml and reptile go through the meta stage in the tests above; anil and metasgd here."""
+@pytest.mark.parametrize("algorithm,extra", [("anil", []), ("metasgd", []), ("maml", ["meta.unroll=true"])])
+def test_meta_stage_runs_each_algorithm(tmp_path, real_data, algorithm, extra):
+    """maml (reverse sweep), fomaml and reptile go through the meta stage in the tests above; anil, metasgd and
+    maml through the unrolled inner loop here."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [a for e in extra for a in ("--set", e)]
     p = cli(["run", "--stage", "backbone,meta", "--config", SMOKE, "--set", f"data.root={real_data}",
-             "--set", f"meta.algorithm={algorithm}", "--set", "meta.iterations=2"], tmp_path, uri)
+             "--set", f"meta.algorithm={algorithm}", "--set", "meta.iterations=2", *sets], tmp_path, uri)
     assert f"[meta] {algorithm}:" in p.stdout
     run, weights = final_meta_weights(uri, "fewshot-medmeta-smoke")
     assert run.data.tags["algorithm"] == algorithm and "meta_val_acc" in run.data.metrics
     if algorithm == "metasgd":
         assert run.data.metrics["metasgd_lr_std"] > 0  # the per-parameter learning rates were learned
+    assert run.data.params.get("meta.unroll", "False") == str("meta.unroll=true" in extra)
