@@ -292,16 +292,12 @@ class MetaLearner(nn.Module):
         n = len(self.head)
         return functional_call(self.model.get_submodule(self.head[:-1]), {k[n:]: v for k, v in head.items()}, (f,))
 
-    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(self.logits(params, x), y)
-
     def _loss_out(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         out = self.logits(params, x)
         return F.cross_entropy(out, y), out
 
-    def _anil_loss_out(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.adapt_task(params, xs, ys)(xq)
-        return F.cross_entropy(out, yq), out
+    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self._loss_out(params, x, y)[0]
 
     def fn(self, name: str) -> Callable:
         """`grad`, `hvp` or `query` (gradient plus logits) of the full model's loss, or `anil` (ANIL's whole
@@ -310,7 +306,7 @@ class MetaLearner(nn.Module):
         stays torch's own op, so `adapt_vjp` can replay it."""
         if name not in self._fns:
             f = {"grad": grad(self.loss), "hvp": hvp(self.loss), "query": grad(self._loss_out, has_aux=True),
-                 "anil": grad(self._anil_loss_out, has_aux=True)}[name]
+                 "anil": grad(self._task_loss_out, has_aux=True)}[name]
             self._fns[name] = (torch.compile(f, dynamic=False, options={"fallback_random": True}) if self.compile
                                else f)
         return self._fns[name]
@@ -330,10 +326,15 @@ class MetaLearner(nn.Module):
         fast = adapt(lambda p: F.cross_entropy(self.logits(p, xs), ys), params, lr, self.inner_steps, fo)
         return lambda x: self.logits(fast, x)
 
+    def _task_loss_out(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+        out = self.adapt_task(params, xs, ys)(xq)
+        return F.cross_entropy(out, yq), out
+
     def task_loss(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         """Query loss and accuracy after adapting on the support set (the MAML-family meta-objective)."""
-        out = self.adapt_task(params, xs, ys)(xq)
-        return F.cross_entropy(out, yq), (out.argmax(-1) == yq).float().mean()
+        loss, out = self._task_loss_out(params, xs, ys, xq, yq)
+        return loss, (out.argmax(-1) == yq).float().mean()
 
     def reptile_delta(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, loop: bool = False
                       ) -> tuple[Params, Tensor, Tensor]:
@@ -369,9 +370,7 @@ class MetaLearner(nn.Module):
                     outs = [self.reptile_delta(params, xs[t], ys[t], xq[t], yq[t], loop=True) for t in range(T)]
                     mean_delta = {k: sum(o[0][k] for o in outs) / T for k in params}
                     losses, accs = torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
-                for k, p in params.items():
-                    g = -mean_delta[k]
-                    p.grad = g if p.grad is None else p.grad + g
+                self._accumulate(params, {k: -d for k, d in mean_delta.items()})
                 return losses.mean().item(), accs.mean().item()
             if batched:
                 losses, accs = vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0),
@@ -400,7 +399,7 @@ class MetaLearner(nn.Module):
             x_s, y_s = xs[t], ys[t]
             if self.algorithm == "anil":  # second order through the head only: one functional gradient
                 v, out = self.fn("anil")(theta, x_s, y_s, xq[t], yq[t])
-                self._accumulate(params, v, None, T)
+                self._accumulate(params, v, scale=1 / T)
                 tot_l, tot_a = self._tally(out, yq[t], tot_l, tot_a, T)
                 continue
             traj = None if self.first_order else []
@@ -410,16 +409,16 @@ class MetaLearner(nn.Module):
             lr_grad = None
             if traj is not None:
                 v, lr_grad = adapt_vjp(lambda p, u: self.fn("hvp")(p, u, x_s, y_s), traj, lr, v)
-            self._accumulate(params, v, lr_grad, T)
+            self._accumulate(params, v, lr_grad, 1 / T)
             tot_l, tot_a = self._tally(out, yq[t], tot_l, tot_a, T)
         return tot_l, tot_a
 
-    def _accumulate(self, params: Params, g: Params, lr_grad: Params | None, T: int) -> None:
-        for k, p in params.items():
-            p.grad = g[k] / T if p.grad is None else p.grad + g[k] / T
-        for k, gl in (lr_grad or {}).items():
-            p = self.lrs[k.replace(".", "__")]
-            p.grad = gl / T if p.grad is None else p.grad + gl / T
+    def _accumulate(self, params: Params, g: Params, lr_grad: Params | None = None, scale: float = 1.0) -> None:
+        """Add scale·g into the parameters' `.grad` (and Meta-SGD's LR gradients), as `backward` would."""
+        pairs = [(p, g[k]) for k, p in params.items()]
+        pairs += [(self.lrs[k.replace(".", "__")], gl) for k, gl in (lr_grad or {}).items()]
+        for p, gk in pairs:
+            p.grad = scale * gk if p.grad is None else p.grad + scale * gk
 
     @staticmethod
     def _tally(out: Tensor, y: Tensor, tot_l: float, tot_a: float, T: int) -> tuple[float, float]:
