@@ -181,9 +181,10 @@ def main() -> None:
     for alg in ("maml", "fomaml", "anil", "reptile", "metasgd"):
         if only and alg not in only:
             continue
-        cl = cl_for(alg in ("maml", "metasgd") and (args.unroll or args.batched))
-        learner = MetaLearner(fresh(cl), alg, args.inner_lr, args.inner_steps, head=head_prefix(base),
+        learner = MetaLearner(fresh(False), alg, args.inner_lr, args.inner_steps, head=head_prefix(base),
                               unroll=args.unroll, compile=args.compile).to(dev)
+        cl = cl_for(learner.double_backward(args.batched))
+        learner.model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
         opt = torch.optim.Adam(learner.meta_parameters(), 1e-3)
 
         def step(b, learner=learner, opt=opt):

@@ -9,7 +9,6 @@ running statistics are re-estimated in one defined place, `recalibrate_bn`, befo
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -347,6 +346,11 @@ class MetaLearner(nn.Module):
         out = self.logits(fast, xq).detach()
         return ({k: fast[k] - params[k] for k in params}, F.cross_entropy(out, yq),
                 (out.argmax(-1) == yq).float().mean())
+
+    def double_backward(self, batched: bool) -> bool:
+        """Whether `meta_backward` differentiates autograd's own backward through the whole network: second-order
+        MAML/Meta-SGD on the vmapped or unrolled path (the reverse sweep and ANIL's head-only steps do not)."""
+        return self.algorithm in ("maml", "metasgd") and not self.first_order and (batched or self.unroll)
 
     def meta_backward(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool = True
                       ) -> tuple[float, float]:

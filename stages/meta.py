@@ -71,11 +71,6 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     # No dropout while meta-learning: adaptation is then a deterministic function of the task, the same
     # whether tasks run in one process or are split across ranks.
     model = build_from_checkpoint(ckpt, num_classes=m.ways, seed=cfg.seed, drop_rate=0.0).to(dev)
-    cl = use_channels_last(cfg.channels_last, dev,  # only the unrolled / vmapped MAML path double-backprops
-                           second_order=m.algorithm in ("maml", "metasgd") and (m.unroll or m.batched))
-    if cl:
-        model.to(memory_format=torch.channels_last)
-    mlflow.set_tag("channels_last", str(cl))
     if m.zero_head:  # labels are permuted per task, so a random head only injects noise into the body
         with torch.no_grad():
             for p in model.get_classifier().parameters():
@@ -98,6 +93,10 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
 
     learner = MetaLearner(model, m.algorithm, m.inner_lr, m.inner_steps, head=head_prefix(model), unroll=m.unroll,
                           compile=m.compile).to(dev)
+    cl = use_channels_last(cfg.channels_last, dev, second_order=learner.double_backward(m.batched))
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    mlflow.set_tag("channels_last", str(cl))
     if m.algorithm == "reptile":  # SGD on the pseudo-gradient -(θ̃-θ) is θ <- θ + ε(θ̃-θ)
         opt = torch.optim.SGD(learner.meta_parameters(), lr=m.reptile_epsilon)
     else:

@@ -82,6 +82,7 @@ def test_reverse_sweep_equals_unrolled_backprop_with_dropout(algorithm):
     sweep, unrolled = (MetaLearner(tiny(dropout=0.5), algorithm, inner_lr=0.3, inner_steps=3, unroll=u)
                        for u in (False, True))
     gs, gu = seeded_meta_grad(sweep, task), seeded_meta_grad(unrolled, task)
+    assert not sweep.double_backward(False) and unrolled.double_backward(False) == (algorithm in ("maml", "metasgd"))
     assert set(gs) == set(gu) and len(gs) >= (12 if algorithm == "metasgd" else 6)
     for k in gu:
         torch.testing.assert_close(gs[k], gu[k], rtol=1e-9, atol=1e-12, msg=k)
