@@ -95,11 +95,12 @@ class FinetuneConfig:
     shots: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
     seeds: int = 5
     val_per_class: int = 50  # labelled validation images per class for model selection (0 = whole split)
+    image_size: int = 128  # side length for fine-tuning and test (0 = data.image_size): upsampled for ImageNet bodies
     epochs: int = 30
     warmup_epochs: int = 5  # linear probe (body frozen) before the full fine-tune
     batch_size: int = 32
     lr_head: float = 3e-3
-    lr_body: float = 3e-4
+    lr_body: float = 1e-3
     weight_decay: float = 1e-4
     augment: bool = True
     class_balance: bool = True  # class-weighted loss against imbalance
@@ -251,6 +252,9 @@ def validate(cfg: PipelineConfig) -> None:
     for key, val in positive.items():
         if val < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {val}")
+    if cfg.finetune.image_size < 0:
+        raise ConfigError(f"config key 'finetune.image_size' must be >= 0 (0: data.image_size), got "
+                          f"{cfg.finetune.image_size}")
     if cfg.meta.ways < 2:
         raise ConfigError("config key 'meta.ways' must be >= 2 (a task needs two classes)")
     if any(k < 1 for k in cfg.finetune.shots):

@@ -92,7 +92,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     arms, backbone = load_arms(cfg, inputs)
     model_name = backbone["model_name"]
     dinfo = resolve_data_info(build_from_checkpoint(backbone, C))
-    size = cfg.data.image_size
+    size = ft.image_size or cfg.data.image_size
     eval_t = build_transform(size, dinfo["mean"], dinfo["std"], train=False)
     tr, va, te = (target.splits[s] for s in ("train", "val", "test"))
     if len(np.unique(va.labels)) < C:

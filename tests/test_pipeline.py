@@ -296,6 +296,7 @@ def test_predict_with_registered_model_matches_test_predictions(smoke):
     got = np.array([[float(v) for v in line.split(",")[1:3]] for line in lines[1:]])
     mlflow.set_tracking_uri(smoke["uri"])
     k, s = child.data.params["k"], child.data.params["seed"]
+    assert child.data.params["image_size"] == "40"  # smoke.yaml's finetune.image_size, not data.image_size (32)
     csv = mlflow.artifacts.download_artifacts(run_id=ft.info.run_id, artifact_path=f"predictions/transfer_k{k}_seed{s}.csv")
     expected = pd.read_csv(csv)[["prob_0", "prob_1"]].to_numpy()[:5]
     np.testing.assert_allclose(got, expected, atol=2e-4)
