@@ -1,0 +1,83 @@
+"""Compare fine-tuning recipes on the target's *validation* split, the way the defaults were chosen.
+
+Each seed fine-tunes the ImageNet-transfer arm with the stage's own code (`pipeline.train.fit`, the same k-shot
+subset and 50-per-class selection subset as `finetune/transfer/k<k>/seed<s>`), then scores the chosen model on
+the whole validation split. The test split is only scored with `--test`, for reporting after a recipe is fixed.
+
+    python benchmarks/finetune_recipe.py [--k 20] [--seeds 0,1,2] [--arm transfer] [--test] \
+        [--set finetune.image_size=128 --set finetune.lr_body=0.001 ...]
+
+Prints one JSON line per seed and, last, `RESULT val_auc=<mean> [test_auc=<mean>]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import ImageDataset, load_target, sample_kshot  # noqa: E402
+from pipeline.device import configure, resolve_device  # noqa: E402
+from pipeline.metrics import classification_metrics  # noqa: E402
+from pipeline.train import fit, predict_proba, stack_inputs  # noqa: E402
+from pipeline.transforms import build_transform  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--k", type=int, default=20, help="labelled images per class")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--arm", default="transfer", choices=["transfer", "scratch"])
+    ap.add_argument("--test", action="store_true", help="also score the test split (not for choosing a recipe)")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    ft, dev = cfg.finetune, resolve_device(cfg.device)
+    configure(dev)
+    target = load_target(cfg)
+    tr, va, te = (target.splits[s] for s in ("train", "val", "test"))
+    C = len(target.class_names)
+    size = ft.image_size or cfg.data.image_size
+    d = resolve_data_info(create_backbone(cfg.backbone.model, num_classes=C, weights="none")[0])
+    ev = build_transform(size, d["mean"], d["std"], train=False)
+    x_val = stack_inputs(ImageDataset(va.images, va.labels, ev))
+    x_test = stack_inputs(ImageDataset(te.images, te.labels, ev)) if args.test else None
+    n_val = min(ft.val_per_class or 10**9, int(np.bincount(va.labels).min()))
+    rows = []
+    for s in (int(v) for v in args.seeds.split(",")):
+        t0 = time.time()
+        split_seed = cfg.seed * 1000 + s  # as stages/finetune.py: the same subsets as the pipeline's runs
+        tr_idx = sample_kshot(tr.labels, args.k, split_seed)
+        va_idx = sample_kshot(va.labels, n_val, split_seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(split_seed * 7 + 2)
+            weights = "none" if args.arm == "scratch" else cfg.backbone.weights
+            model, _, _ = create_backbone(cfg.backbone.model, num_classes=C, weights=weights,
+                                          weights_file=cfg.backbone.weights_file, seed=split_seed * 7 + 1)
+            train_t = build_transform(size, d["mean"], d["std"], train=ft.augment, seed=split_seed)
+            res = fit(model, ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t),
+                      x_val[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev, seed=split_seed,
+                      head=head_prefix(model), n_classes=C)
+        row = {"seed": s, "best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
+               "val_auc": round(classification_metrics(va.labels, predict_proba(model, x_val, dev))["auc"], 4)}
+        if x_test is not None:
+            row["test_auc"] = round(classification_metrics(te.labels, predict_proba(model, x_test, dev))["auc"], 4)
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = f"RESULT val_auc={np.mean([r['val_auc'] for r in rows]):.4f}"
+    if x_test is not None:
+        out += f" test_auc={np.mean([r['test_auc'] for r in rows]):.4f}"
+    print(out, f"(k={args.k}, size={size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
