@@ -37,6 +37,7 @@ def test_overrides_are_typed():
     ("meta=3", "is a section"),
     ("novalue", "key=value"),
     ("finetune.arms=[transfer,imagenet21k]", "unknown arm"),
+    ("finetune.image_size=-1", "finetune.image_size' must be >= 0"),
 ])
 def test_bad_overrides_are_clear_errors(override, msg):
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
