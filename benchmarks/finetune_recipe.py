@@ -1,8 +1,10 @@
 """Compare fine-tuning recipes on the target's *validation* split, the way the defaults were chosen.
 
-Each seed fine-tunes the ImageNet-transfer arm with the stage's own code (`pipeline.train.fit`, the same k-shot
-subset and 50-per-class selection subset as `finetune/transfer/k<k>/seed<s>`), then scores the chosen model on
-the whole validation split. The test split is only scored with `--test`, for reporting after a recipe is fixed.
+Each seed fine-tunes one arm (transfer or scratch) with the stage's own code: `pipeline.train.fit`, and the
+k-shot subset, selection subset and initial model of `finetune/<arm>/k<k>/seed<s>` from `stages.finetune`. It
+then scores the chosen model on the whole validation split. The test split is only scored with `--test`, for
+reporting after a recipe is fixed. Tensors stay contiguous (the stage uses channels-last on CPU by default), so
+figures can differ slightly from the stage's runs of the same seed.
 
     python benchmarks/finetune_recipe.py [--k 20] [--seeds 0,1,2] [--arm transfer] [--test] \
         [--set finetune.image_size=128 --set finetune.lr_body=0.001 ...]
@@ -23,11 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import ImageDataset, load_target, sample_kshot  # noqa: E402
+from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.device import configure, resolve_device  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
 from pipeline.train import fit, predict_proba, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
+from stages.finetune import build_arm_model, job_subsets, selection_size  # noqa: E402
 
 
 def main() -> None:
@@ -50,18 +53,18 @@ def main() -> None:
     ev = build_transform(size, d["mean"], d["std"], train=False)
     x_val = stack_inputs(ImageDataset(va.images, va.labels, ev))
     x_test = stack_inputs(ImageDataset(te.images, te.labels, ev)) if args.test else None
-    n_val = min(ft.val_per_class or 10**9, int(np.bincount(va.labels).min()))
+    n_val = selection_size(ft.val_per_class, va.labels)
+    ckpt = None  # scratch; transfer: the ImageNet body, as the backbone stage checkpoints it
+    if args.arm == "transfer":
+        body, _, _ = create_backbone(cfg.backbone.model, weights=cfg.backbone.weights,
+                                     weights_file=cfg.backbone.weights_file)
+        ckpt = {"model_name": cfg.backbone.model, "state_dict": body.state_dict()}
     rows = []
     for s in (int(v) for v in args.seeds.split(",")):
         t0 = time.time()
-        split_seed = cfg.seed * 1000 + s  # as stages/finetune.py: the same subsets as the pipeline's runs
-        tr_idx = sample_kshot(tr.labels, args.k, split_seed)
-        va_idx = sample_kshot(va.labels, n_val, split_seed)
+        split_seed, tr_idx, va_idx = job_subsets(tr.labels, va.labels, args.k, n_val, cfg.seed, s, target.source)
         with torch.random.fork_rng():
-            torch.manual_seed(split_seed * 7 + 2)
-            weights = "none" if args.arm == "scratch" else cfg.backbone.weights
-            model, _, _ = create_backbone(cfg.backbone.model, num_classes=C, weights=weights,
-                                          weights_file=cfg.backbone.weights_file, seed=split_seed * 7 + 1)
+            model = build_arm_model(ckpt, cfg.backbone.model, C, split_seed)
             train_t = build_transform(size, d["mean"], d["std"], train=ft.augment, seed=split_seed)
             res = fit(model, ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t),
                       x_val[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev, seed=split_seed,

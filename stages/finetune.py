@@ -78,6 +78,32 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, dict | None]
     return arms, backbone
 
 
+def selection_size(val_per_class: int, val_labels: np.ndarray) -> int:
+    """Validation images per class for model selection: `val_per_class`, or the whole split's smallest class."""
+    smallest = int(np.bincount(val_labels).min())
+    return min(val_per_class or smallest, smallest)
+
+
+def job_subsets(train_labels: np.ndarray, val_labels: np.ndarray, k: int, n_val: int, seed: int, s: int,
+                source: str = "target") -> tuple[int, np.ndarray, np.ndarray]:
+    """(split seed, k-shot train indices, selection indices) of seed `s`: one subset per (k, seed), shared by
+    every arm, so comparisons are paired."""
+    split_seed = seed * 1000 + s
+    tr_idx = sample_kshot(train_labels, k, split_seed, f"{source} train split")
+    va_idx = sample_kshot(val_labels, n_val, split_seed, f"{source} val split")
+    return split_seed, tr_idx, va_idx
+
+
+def build_arm_model(ckpt: dict | None, model_name: str, n_classes: int, split_seed: int) -> torch.nn.Module:
+    """An arm's initial model (ckpt None: random init) with a head seeded from the job's split seed; also seeds
+    the global RNG for the job's dropout, so callers wrap it in `torch.random.fork_rng`."""
+    init_seed = split_seed * 7 + 1
+    torch.manual_seed(init_seed + 1)
+    if ckpt is None:
+        return create_backbone(model_name, num_classes=n_classes, weights="none", seed=init_seed)[0]
+    return build_from_checkpoint(ckpt, n_classes, seed=init_seed)
+
+
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     ft = cfg.finetune
     dev = resolve_device(cfg.device)
@@ -106,15 +132,11 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     example = eval_t(te.images[0])[None].numpy()
     x_test = stack_inputs(ImageDataset(te.images, te.labels, eval_t), cfg.num_workers)
     x_val_all = stack_inputs(ImageDataset(va.images, va.labels, eval_t), cfg.num_workers)
-    n_val = ft.val_per_class or int(np.bincount(va.labels).min())
-    n_val = min(n_val, int(np.bincount(va.labels).min()))
+    n_val = selection_size(ft.val_per_class, va.labels)
     t_start = time.time()
 
     def subsets(k: int, s: int) -> tuple[int, np.ndarray, np.ndarray]:
-        split_seed = cfg.seed * 1000 + s  # one subset per (k, seed), shared by every arm: paired comparisons
-        tr_idx = sample_kshot(tr.labels, k, split_seed, f"{target.source} train split")
-        va_idx = sample_kshot(va.labels, n_val, split_seed, f"{target.source} val split")
-        return split_seed, tr_idx, va_idx
+        return job_subsets(tr.labels, va.labels, k, n_val, cfg.seed, s, target.source)
 
     for k in ft.shots:  # fail on too-few-images before any training, on every rank
         subsets(k, 0)
@@ -123,15 +145,9 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         """One (arm, k, seed) fine-tune and its one test pass; no tracking calls, so any rank can run it."""
         t0 = time.time()
         split_seed, tr_idx, va_idx = subsets(k, s)
-        init_seed = split_seed * 7 + 1
-        ckpt = arms[arm]
         devs = [dev] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devs):  # dropout draws from a per-job seed: jobs are independent
-            torch.manual_seed(init_seed + 1)
-            if ckpt is None:
-                model, _, _ = create_backbone(model_name, num_classes=C, weights="none", seed=init_seed)
-            else:
-                model = build_from_checkpoint(ckpt, C, seed=init_seed)
+            model = build_arm_model(arms[arm], model_name, C, split_seed)
             train_t = build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed)
             train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
             res = fit(model, train_ds, x_val_all[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev,
