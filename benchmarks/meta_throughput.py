@@ -157,7 +157,8 @@ def main() -> None:
         return isolated(args)
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {dev} ({where}), "
           f"torch {torch.__version__}, timm {timm.__version__}, model {args.model} @ {args.size}px, "
           f"{args.tasks} tasks/meta-batch, {args.inner_steps} inner steps, "
           f"{'vmap over tasks' if args.batched else 'per-task loop'}"

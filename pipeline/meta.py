@@ -2,9 +2,10 @@
 
 MLflow-free and CLI-free. The one inner loop is `adapt`, a pure function of a parameter dict; meta-training,
 meta-validation and few-shot adaptation all go through it. `adapt_vjp` is its reverse sweep: the exact
-second-order meta-gradient from the recorded θ_0..θ_K by Hessian-vector products, without keeping K graphs. BatchNorm policy: inside functional calls the
-model uses the statistics of the batch at hand and never writes its running buffers (`batch_stats_only`);
-running statistics are re-estimated in one defined place, `recalibrate_bn`, before a checkpoint is saved.
+second-order meta-gradient from the recorded θ_0..θ_K by Hessian-vector products, without keeping K graphs.
+BatchNorm policy: inside functional calls the model uses the statistics of the batch at hand and never writes its
+running buffers (`batch_stats_only`); running statistics are re-estimated in one defined place, `recalibrate_bn`,
+before a checkpoint is saved.
 """
 from __future__ import annotations
 
