@@ -9,7 +9,7 @@ figures can differ slightly from the stage's runs of the same seed.
     python benchmarks/finetune_recipe.py [--k 20] [--seeds 0,1,2] [--arm transfer] [--test] \
         [--set finetune.image_size=128 --set finetune.lr_body=0.001 ...]
 
-Prints one JSON line per seed and, last, `RESULT val_auc=<mean> [test_auc=<mean>]`.
+Prints one JSON line per seed and, last, `RESULT val_auc=<mean> val_loss=<mean> [test_auc=<mean>]`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.device import configure, resolve_device  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
-from pipeline.train import fit, predict_proba, stack_inputs  # noqa: E402
+from pipeline.train import fit, log_loss, predict_proba, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
 from stages.finetune import build_arm_model, job_subsets, selection_size  # noqa: E402
 
@@ -65,18 +65,23 @@ def main() -> None:
         split_seed, tr_idx, va_idx = job_subsets(tr.labels, va.labels, args.k, n_val, cfg.seed, s, target.source)
         with torch.random.fork_rng():
             model = build_arm_model(ckpt, cfg.backbone.model, C, split_seed)
-            train_t = build_transform(size, d["mean"], d["std"], train=ft.augment, seed=split_seed)
+            train_t = build_transform(size, d["mean"], d["std"], train=ft.augment, seed=split_seed,
+                                      hflip=ft.hflip)
             res = fit(model, ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t),
                       x_val[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev, seed=split_seed,
                       head=head_prefix(model), n_classes=C)
+        p_val = predict_proba(model, x_val, dev, tta=ft.tta)
         row = {"seed": s, "best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
-               "val_auc": round(classification_metrics(va.labels, predict_proba(model, x_val, dev))["auc"], 4)}
+               "val_auc": round(classification_metrics(va.labels, p_val)["auc"], 4),
+               "val_loss": round(log_loss(va.labels, p_val), 4)}
         if x_test is not None:
-            row["test_auc"] = round(classification_metrics(te.labels, predict_proba(model, x_test, dev))["auc"], 4)
+            p_test = predict_proba(model, x_test, dev, tta=ft.tta)
+            row["test_auc"] = round(classification_metrics(te.labels, p_test)["auc"], 4)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = f"RESULT val_auc={np.mean([r['val_auc'] for r in rows]):.4f}"
+    out = (f"RESULT val_auc={np.mean([r['val_auc'] for r in rows]):.4f} "
+           f"val_loss={np.mean([r['val_loss'] for r in rows]):.4f}")
     if x_test is not None:
         out += f" test_auc={np.mean([r['test_auc'] for r in rows]):.4f}"
     print(out, f"(k={args.k}, size={size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)

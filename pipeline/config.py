@@ -103,7 +103,11 @@ class FinetuneConfig:
     lr_body: float = 1e-3
     weight_decay: float = 1e-4
     augment: bool = True
+    hflip: bool = False  # add horizontal flips to the augmentation (off: chest anatomy is left-right asymmetric)
+    tta: bool = False  # average logits over the image and its horizontal flip at validation and test
+    ema_decay: float = 0.0  # select and keep an exponential moving average of the weights (0 = off)
     class_balance: bool = True  # class-weighted loss against imbalance
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (against over-confident few-shot models)
     patience: int = 10  # early stopping on validation AUC
     min_steps_per_epoch: int = 4  # tiny k: repeat the set so an epoch has a few steps
     log_models: bool = True  # log every final model with mlflow.pytorch (signature, input example, preprocessing)
@@ -255,6 +259,11 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.finetune.image_size < 0:
         raise ConfigError(f"config key 'finetune.image_size' must be >= 0 (0: data.image_size), got "
                           f"{cfg.finetune.image_size}")
+    if not 0.0 <= cfg.finetune.ema_decay < 1.0:
+        raise ConfigError(f"config key 'finetune.ema_decay' must be in [0, 1) (0: off), got {cfg.finetune.ema_decay}")
+    if not 0.0 <= cfg.finetune.label_smoothing < 1.0:
+        raise ConfigError(f"config key 'finetune.label_smoothing' must be in [0, 1), got "
+                          f"{cfg.finetune.label_smoothing}")
     if cfg.meta.ways < 2:
         raise ConfigError("config key 'meta.ways' must be >= 2 (a task needs two classes)")
     if any(k < 1 for k in cfg.finetune.shots):

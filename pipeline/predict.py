@@ -10,15 +10,17 @@ import numpy as np
 import torch
 
 from .data import IMAGE_SUFFIXES, DataError, read_image
+from .train import FlipTTA
 from .transforms import build_transform
 
 PREPROCESS_FILE = "preprocess.json"
 
 
-def preprocess_spec(size: int, mean, std, class_names: list[str], model_name: str) -> dict:
-    """What `predict` needs to rebuild the eval transform exactly; stored with every logged model."""
+def preprocess_spec(size: int, mean, std, class_names: list[str], model_name: str, tta: bool = False) -> dict:
+    """What `predict` needs to rebuild the eval transform (and the flip TTA, if the model was scored with it)
+    exactly; stored with every logged model."""
     return {"image_size": size, "mean": list(mean), "std": list(std), "class_names": list(class_names),
-            "model_name": model_name, "channels": 3}
+            "model_name": model_name, "channels": 3, "tta": bool(tta)}
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
@@ -52,8 +54,9 @@ def load_model(uri: str) -> tuple[torch.nn.Module, dict]:
 @torch.no_grad()
 def predict_files(model: torch.nn.Module, spec: dict, files: list[Path], batch_size: int = 64) -> np.ndarray:
     t = build_transform(spec["image_size"], spec["mean"], spec["std"], train=False)
+    net = FlipTTA(model) if spec.get("tta") else model  # as the finetune stage scored it
     out = []
     for i in range(0, len(files), batch_size):
         x = torch.stack([t(read_image(f)) for f in files[i:i + batch_size]])
-        out.append(model(x).float().softmax(-1).numpy())
+        out.append(net(x).float().softmax(-1).numpy())
     return np.concatenate(out)

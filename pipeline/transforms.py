@@ -24,10 +24,11 @@ class AlbumentationsTransform:
 
 
 def build_transform(size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-                    seed: int | None = None) -> AlbumentationsTransform:
+                    seed: int | None = None, hflip: bool = False) -> AlbumentationsTransform:
     """Eval: resize + normalise. Train adds what is plausible for radiographs and other medical images:
     small rotations, shifts and zooms, mild brightness/contrast/gamma changes and slight blur; no vertical
-    flip (anatomy has an up) and no colour jitter on hue (stains and greys carry meaning)."""
+    flip (anatomy has an up) and no colour jitter on hue (stains and greys carry meaning). `hflip` adds
+    left-right flips."""
     resize = A.Resize(size, size, interpolation=cv2.INTER_CUBIC)
     aug = []
     if train:
@@ -38,5 +39,7 @@ def build_transform(size: int, mean: Sequence[float], std: Sequence[float], trai
             A.RandomGamma(gamma_limit=(85, 115), p=0.3),
             A.GaussianBlur(blur_limit=(3, 3), p=0.1),
         ]
+        if hflip:
+            aug.insert(0, A.HorizontalFlip(p=0.5))
     norm = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
     return AlbumentationsTransform(A.Compose([resize, *aug, norm, ToTensorV2()], seed=seed))

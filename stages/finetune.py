@@ -128,7 +128,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                        "target.n_test": len(te)})
     out_dir = Path(tempfile.mkdtemp(prefix="finetune-")) / "predictions"
     out_dir.mkdir()
-    spec = preprocess_spec(size, dinfo["mean"], dinfo["std"], target.class_names, model_name)
+    spec = preprocess_spec(size, dinfo["mean"], dinfo["std"], target.class_names, model_name, tta=ft.tta)
     example = eval_t(te.images[0])[None].numpy()
     x_test = stack_inputs(ImageDataset(te.images, te.labels, eval_t), cfg.num_workers)
     x_val_all = stack_inputs(ImageDataset(va.images, va.labels, eval_t), cfg.num_workers)
@@ -148,12 +148,13 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         devs = [dev] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devs):  # dropout draws from a per-job seed: jobs are independent
             model = build_arm_model(arms[arm], model_name, C, split_seed)
-            train_t = build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed)
+            train_t = build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed,
+                                      hflip=ft.hflip)
             train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
             res = fit(model, train_ds, x_val_all[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev,
                       seed=split_seed, head=head_prefix(model), n_classes=C, on_epoch=on_epoch,
                       num_workers=cfg.num_workers, channels_last=channels_last, compile=cfg.compile)
-            prob = predict_proba(model, x_test, dev, channels_last=channels_last)  # the one test pass
+            prob = predict_proba(model, x_test, dev, channels_last=channels_last, tta=ft.tta)  # the one test pass
         return {"history": res.history, "best_epoch": res.best_epoch, "best_val_auc": res.best_val_auc,
                 "prob": prob, "n_train": len(tr_idx), "n_val": len(va_idx), "seconds": time.time() - t0,
                 "train_images": res.images_seen, "state": {n: v.cpu() for n, v in model.state_dict().items()}}
@@ -167,7 +168,9 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                 mlflow.log_metrics(rec, step=e + 1)
         mlflow.log_params({"arm": arm, "k": k, "seed": s, "n_train": res["n_train"], "n_val": res["n_val"],
                            "epochs": ft.epochs, "lr_body": ft.lr_body, "lr_head": ft.lr_head,
-                           "warmup_epochs": ft.warmup_epochs, "image_size": size})
+                           "warmup_epochs": ft.warmup_epochs, "image_size": size, "hflip": ft.hflip,
+                           "tta": ft.tta, "ema_decay": ft.ema_decay,
+                           "label_smoothing": ft.label_smoothing})
         fname = f"{arm}_k{k}_seed{s}.csv"
         df = pd.DataFrame(res["prob"], columns=[f"prob_{c}" for c in target.class_names])
         df.insert(0, "label", te.labels)
