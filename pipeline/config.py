@@ -105,7 +105,6 @@ class FinetuneConfig:
     augment: bool = True
     hflip: bool = False  # add horizontal flips to the augmentation (off: chest anatomy is left-right asymmetric)
     tta: bool = False  # average logits over the image and its horizontal flip at validation and test
-    ema_decay: float = 0.0  # select and keep an exponential moving average of the weights (0 = off)
     class_balance: bool = True  # class-weighted loss against imbalance
     label_smoothing: float = 0.0  # cross-entropy label smoothing (against over-confident few-shot models)
     patience: int = 10  # early stopping on validation AUC
@@ -259,8 +258,6 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.finetune.image_size < 0:
         raise ConfigError(f"config key 'finetune.image_size' must be >= 0 (0: data.image_size), got "
                           f"{cfg.finetune.image_size}")
-    if not 0.0 <= cfg.finetune.ema_decay < 1.0:
-        raise ConfigError(f"config key 'finetune.ema_decay' must be in [0, 1) (0: off), got {cfg.finetune.ema_decay}")
     if not 0.0 <= cfg.finetune.label_smoothing < 1.0:
         raise ConfigError(f"config key 'finetune.label_smoothing' must be in [0, 1), got "
                           f"{cfg.finetune.label_smoothing}")

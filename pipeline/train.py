@@ -9,7 +9,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -67,8 +66,7 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
         on_epoch: Callable[[int, dict], None] | None = None, num_workers: int = 0, channels_last: bool = False,
         compile: bool = False) -> FitResult:
     """Train in place; leaves `model` holding the weights of the best validation epoch: highest AUC, ties (a
-    saturated AUC of 1.0 is common with 50 images per class) broken by the lower validation log loss. With
-    `ft.ema_decay` an exponential moving average of the weights (timm's ModelEmaV3) is validated and kept instead.
+    saturated AUC of 1.0 is common with 50 images per class) broken by the lower validation log loss.
 
     `x_val` holds the validation images already transformed (`stack_inputs`): one eval-transform pass per stage,
     not per epoch."""
@@ -101,12 +99,10 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
     loader = DataLoader(train, batch_size=bs, sampler=RandomSampler(train, num_samples=n_samples, generator=g),
                         drop_last=len(train) >= 2 * bs, num_workers=num_workers, pin_memory=dev.type == "cuda",
                         persistent_workers=num_workers > 0)
-    ema = ModelEmaV3(model, decay=ft.ema_decay, use_warmup=True) if ft.ema_decay > 0 else None
-    scored = ema.module if ema is not None else net  # what is validated and kept
     best = FitResult(-1, -math.inf)
     best_key: tuple[float, float] = (-math.inf, -math.inf)
     best_state = None
-    since, step = 0, 0
+    since = 0
     for epoch in range(total):
         opt.param_groups[0]["lr"] = ft.lr_body * body_factor(epoch)
         opt.param_groups[1]["lr"] = ft.lr_head * head_factor(epoch)
@@ -120,12 +116,9 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-            if ema is not None:
-                ema.update(model, step=step)
             tot, n = tot + loss.item() * len(y), n + len(y)
         best.images_seen += n
-        prob = predict_proba(scored, x_val, dev, channels_last=channels_last, tta=ft.tta)
+        prob = predict_proba(net, x_val, dev, channels_last=channels_last, tta=ft.tta)
         vm = classification_metrics(val_labels, prob)
         rec = {"train_loss": tot / max(n, 1), "val_auc": vm["auc"], "val_accuracy": vm["accuracy"],
                "val_loss": log_loss(val_labels, prob)}
@@ -135,8 +128,7 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
         if (vm["auc"], -rec["val_loss"]) > best_key:
             best.best_epoch, best.best_val_auc, since = epoch, vm["auc"], 0
             best_key = (vm["auc"], -rec["val_loss"])
-            src = ema.module if ema is not None else model
-            best_state = {k: v.detach().clone() for k, v in src.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since += 1
             if epoch >= warm and since >= ft.patience:

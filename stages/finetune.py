@@ -169,8 +169,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         mlflow.log_params({"arm": arm, "k": k, "seed": s, "n_train": res["n_train"], "n_val": res["n_val"],
                            "epochs": ft.epochs, "lr_body": ft.lr_body, "lr_head": ft.lr_head,
                            "warmup_epochs": ft.warmup_epochs, "image_size": size, "hflip": ft.hflip,
-                           "tta": ft.tta, "ema_decay": ft.ema_decay,
-                           "label_smoothing": ft.label_smoothing})
+                           "tta": ft.tta, "label_smoothing": ft.label_smoothing})
         fname = f"{arm}_k{k}_seed{s}.csv"
         df = pd.DataFrame(res["prob"], columns=[f"prob_{c}" for c in target.class_names])
         df.insert(0, "label", te.labels)

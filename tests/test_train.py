@@ -1,5 +1,5 @@
 """The fine-tuning recipe (`pipeline.train`) on a tiny model and synthetic images: which weights `fit` keeps,
-the weight average, and the flip test-time augmentation."""
+and the flip test-time augmentation."""
 import numpy as np
 import pytest
 import torch
@@ -21,18 +21,18 @@ def two_class_images(n: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
     return images, labels
 
 
-def setup(ema_decay: float = 0.0, epochs: int = 8):
+def setup(epochs: int = 8):
     t = build_transform(8, (0.5,) * 3, (0.25,) * 3, train=False)
     tr_img, tr_y = two_class_images(16, 0)
     va_img, va_y = two_class_images(20, 1)
     x_val = torch.stack([t(im) for im in va_img])
     ft = FinetuneConfig(epochs=epochs, warmup_epochs=1, batch_size=8, lr_head=0.05, lr_body=0.02, patience=100,
-                        min_steps_per_epoch=2, ema_decay=ema_decay)
+                        min_steps_per_epoch=2)
     return ImageDataset(tr_img, tr_y, t), x_val, va_y, ft
 
 
-def run_fit(ema_decay: float = 0.0):
-    train, x_val, va_y, ft = setup(ema_decay)
+def run_fit():
+    train, x_val, va_y, ft = setup()
     model = tiny(seed=3, dtype=torch.float32, n_classes=2)
     res = fit(model, train, x_val, va_y, ft, CPU, seed=5, head="classifier", n_classes=2)
     return model, res, x_val, va_y
@@ -47,17 +47,6 @@ def test_fit_keeps_the_best_auc_epoch_and_breaks_ties_by_validation_loss():
     assert res.best_val_auc == res.history[res.best_epoch]["val_auc"]
     # the model holds that epoch's weights: its validation loss is reproduced exactly
     assert log_loss(va_y, predict_proba(model, x_val, CPU)) == pytest.approx(res.history[res.best_epoch]["val_loss"])
-
-
-def test_ema_with_no_memory_is_the_plain_fit_and_a_real_average_is_kept():
-    plain, _, x_val, va_y = run_fit()
-    same, _, _, _ = run_fit(ema_decay=1e-12)  # an average with (almost) no memory is the model itself
-    for (n, a), b in zip(plain.state_dict().items(), same.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-5), n
-    avg, res, _, _ = run_fit(ema_decay=0.8)
-    assert not torch.allclose(avg.classifier.weight, plain.classifier.weight, atol=1e-4)
-    # what was validated (the average) is what is kept
-    assert log_loss(va_y, predict_proba(avg, x_val, CPU)) == pytest.approx(res.history[res.best_epoch]["val_loss"])
 
 
 def test_flip_tta_averages_logits_and_is_flip_invariant():
