@@ -1,8 +1,8 @@
 """Compare fine-tuning recipes on the target's *validation* split, the way the defaults were chosen.
 
 Each seed fine-tunes one arm (transfer or scratch) with the stage's own code: `pipeline.train.fit`, and the
-k-shot subset, selection subset and initial model of `finetune/<arm>/k<k>/seed<s>` from `stages.finetune`. It
-then scores the chosen model on the whole validation split. The test split is only scored with `--test`, for
+k-shot subset, selection subset, training transform and initial model of `finetune/<arm>/k<k>/seed<s>` from
+`stages.finetune`. It then scores the chosen model on the whole validation split. The test split is only scored with `--test`, for
 reporting after a recipe is fixed. Tensors stay contiguous (the stage uses channels-last on CPU by default), so
 figures can differ slightly from the stage's runs of the same seed.
 
@@ -30,7 +30,7 @@ from pipeline.device import configure, resolve_device  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
 from pipeline.train import fit, log_loss, predict_proba, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
-from stages.finetune import build_arm_model, job_subsets, selection_size  # noqa: E402
+from stages.finetune import build_arm_model, build_job_transform, job_subsets, selection_size  # noqa: E402
 
 
 def main() -> None:
@@ -65,8 +65,7 @@ def main() -> None:
         split_seed, tr_idx, va_idx = job_subsets(tr.labels, va.labels, args.k, n_val, cfg.seed, s, target.source)
         with torch.random.fork_rng():
             model = build_arm_model(ckpt, cfg.backbone.model, C, split_seed)
-            train_t = build_transform(size, d["mean"], d["std"], train=ft.augment, seed=split_seed,
-                                      hflip=ft.hflip)
+            train_t = build_job_transform(ft, size, d, split_seed)
             res = fit(model, ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t),
                       x_val[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev, seed=split_seed,
                       head=head_prefix(model), n_classes=C)

@@ -15,14 +15,14 @@ import torch
 
 from pipeline import distributed
 from pipeline.backbone import build_from_checkpoint, create_backbone, head_prefix, load_checkpoint, resolve_data_info
-from pipeline.config import PipelineConfig
+from pipeline.config import FinetuneConfig, PipelineConfig
 from pipeline.data import DataError, ImageDataset, load_target, sample_kshot
 from pipeline.device import configure, device_name, resolve_device, use_channels_last
 from pipeline.metrics import classification_metrics
 from pipeline.predict import PREPROCESS_FILE, preprocess_spec
 from pipeline.tracking import download
 from pipeline.train import fit, predict_proba, stack_inputs
-from pipeline.transforms import build_transform
+from pipeline.transforms import AlbumentationsTransform, build_transform
 
 
 def log_model(model, spec: dict, example: np.ndarray, work: Path) -> str:
@@ -104,6 +104,11 @@ def build_arm_model(ckpt: dict | None, model_name: str, n_classes: int, split_se
     return build_from_checkpoint(ckpt, n_classes, seed=init_seed)
 
 
+def build_job_transform(ft: FinetuneConfig, size: int, dinfo: dict, split_seed: int) -> AlbumentationsTransform:
+    """A job's training transform: the recipe's augmentation (and flips, if asked), seeded by the split seed."""
+    return build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed, hflip=ft.hflip)
+
+
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     ft = cfg.finetune
     dev = resolve_device(cfg.device)
@@ -148,8 +153,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         devs = [dev] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devs):  # dropout draws from a per-job seed: jobs are independent
             model = build_arm_model(arms[arm], model_name, C, split_seed)
-            train_t = build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed,
-                                      hflip=ft.hflip)
+            train_t = build_job_transform(ft, size, dinfo, split_seed)
             train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
             res = fit(model, train_ds, x_val_all[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev,
                       seed=split_seed, head=head_prefix(model), n_classes=C, on_epoch=on_epoch,
