@@ -2,9 +2,9 @@
 
 Each seed fine-tunes one arm (transfer or scratch) with the stage's own code: `pipeline.train.fit`, and the
 k-shot subset, selection subset, training transform and initial model of `finetune/<arm>/k<k>/seed<s>` from
-`stages.finetune`. It then scores the chosen model on the whole validation split. The test split is only scored with `--test`, for
-reporting after a recipe is fixed. Tensors stay contiguous (the stage uses channels-last on CPU by default), so
-figures can differ slightly from the stage's runs of the same seed.
+`stages.finetune`. It then scores the chosen model on the whole validation split. The test split is only scored
+with `--test`, for reporting after a recipe is fixed. Tensors stay contiguous (the stage uses channels-last on CPU
+by default), so figures can differ slightly from the stage's runs of the same seed.
 
     python benchmarks/finetune_recipe.py [--k 20] [--seeds 0,1,2] [--arm transfer] [--test] \
         [--set finetune.image_size=128 --set finetune.lr_body=0.001 ...]
