@@ -30,6 +30,7 @@ from pipeline.device import configure, resolve_device  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
 from pipeline.train import fit, log_loss, predict_proba, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
+from pipeline.train import self_train  # noqa: E402
 from stages.finetune import build_arm_model, build_job_transform, job_subsets, selection_size  # noqa: E402
 
 
@@ -66,13 +67,21 @@ def main() -> None:
         with torch.random.fork_rng():
             model = build_arm_model(ckpt, cfg.backbone.model, C, split_seed)
             train_t = build_job_transform(ft, size, d, split_seed)
+            x_sel, y_sel = x_val[torch.from_numpy(va_idx)], va.labels[va_idx]
             res = fit(model, ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t),
-                      x_val[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev, seed=split_seed,
-                      head=head_prefix(model), n_classes=C)
+                      x_sel, y_sel, ft, dev, seed=split_seed, head=head_prefix(model), n_classes=C)
+            row = {"seed": s, "best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4)}
+            if ft.pseudo_per_class:  # self-training, as the stage does it; the row then describes the student
+                p_val = predict_proba(model, x_val, dev, tta=ft.tta)
+                row["teacher_val_auc"] = round(classification_metrics(va.labels, p_val)["auc"], 4)
+                model, res, diag = self_train(model, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed),
+                                              ft, tr, tr_idx, ev, train_t, x_sel, y_sel, dev, seed=split_seed,
+                                              n_classes=C)
+                row |= {"best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
+                        **{key: round(v, 4) for key, v in diag.items()}}
         p_val = predict_proba(model, x_val, dev, tta=ft.tta)
-        row = {"seed": s, "best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
-               "val_auc": round(classification_metrics(va.labels, p_val)["auc"], 4),
-               "val_loss": round(log_loss(va.labels, p_val), 4)}
+        row |= {"val_auc": round(classification_metrics(va.labels, p_val)["auc"], 4),
+                "val_loss": round(log_loss(va.labels, p_val), 4)}
         if x_test is not None:
             p_test = predict_proba(model, x_test, dev, tta=ft.tta)
             row["test_auc"] = round(classification_metrics(te.labels, p_test)["auc"], 4)

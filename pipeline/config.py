@@ -108,6 +108,13 @@ class FinetuneConfig:
     class_balance: bool = True  # class-weighted loss against imbalance
     label_smoothing: float = 0.0  # cross-entropy label smoothing (against over-confident few-shot models)
     patience: int = 10  # early stopping on validation AUC
+    # Semi-supervised self-training (off at 0): the fine-tuned model (teacher) pseudo-labels unlabelled images of the
+    # target's train split, then a fresh copy of the arm's initial model (student) is fine-tuned on the k labelled
+    # images plus the `pseudo_per_class` most confident pseudo-labelled ones per class; selection stays on validation.
+    pseudo_per_class: int = 0
+    pseudo_pool: int = 2000  # unlabelled train images the teacher scores (0 = every one outside the k-shot subset)
+    pseudo_epochs: int = 10  # the student's epochs (each one pass over labelled + pseudo-labelled images)
+    pseudo_warmup_epochs: int = 2  # the student's linear-probe epochs
     min_steps_per_epoch: int = 4  # tiny k: repeat the set so an epoch has a few steps
     log_models: bool = True  # log every final model with mlflow.pytorch (signature, input example, preprocessing)
     registry_name: str = "fewshot-medmeta"  # register each arm's best-by-validation model as <name>-<arm>; "" = off
@@ -261,6 +268,12 @@ def validate(cfg: PipelineConfig) -> None:
     if not 0.0 <= cfg.finetune.label_smoothing < 1.0:
         raise ConfigError(f"config key 'finetune.label_smoothing' must be in [0, 1), got "
                           f"{cfg.finetune.label_smoothing}")
+    for key in ("pseudo_per_class", "pseudo_pool", "pseudo_warmup_epochs"):
+        if getattr(cfg.finetune, key) < 0:
+            raise ConfigError(f"config key 'finetune.{key}' must be >= 0, got {getattr(cfg.finetune, key)}")
+    if cfg.finetune.pseudo_per_class and cfg.finetune.pseudo_epochs < 1:
+        raise ConfigError(f"config key 'finetune.pseudo_epochs' must be >= 1 with self-training on, got "
+                          f"{cfg.finetune.pseudo_epochs}")
     if cfg.meta.ways < 2:
         raise ConfigError("config key 'meta.ways' must be >= 2 (a task needs two classes)")
     if any(k < 1 for k in cfg.finetune.shots):

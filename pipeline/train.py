@@ -3,7 +3,7 @@ class-balanced loss, augmentation, and checkpoint choice by validation AUC (the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from .config import FinetuneConfig
-from .data import ImageDataset
+from .data import ImageDataset, Split
+from .backbone import head_prefix
 from .device import autocast, to_memory_format
 from .metrics import classification_metrics
 
@@ -136,3 +137,51 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
     if best_state is not None:
         model.load_state_dict(best_state)
     return best
+
+
+def unlabelled_pool(n_train: int, labelled: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted train-split indices outside the k-shot subset for self-training: a seeded sample of `size` of them
+    (0 = all). Their labels are never used to train; only their images, through the teacher's pseudo-labels."""
+    rest = np.setdiff1d(np.arange(n_train), labelled)
+    if size and size < len(rest):
+        rest = np.random.default_rng(seed).choice(rest, size, replace=False)
+    return np.sort(rest)
+
+
+def select_confident(prob: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and hard pseudo-labels of the `per_class` most confident predictions of each predicted class
+    (fewer where the teacher predicts a class less often): balanced, so a skewed teacher cannot flood one class."""
+    pred, conf = prob.argmax(1), prob.max(1)
+    pos = []
+    for c in range(prob.shape[1]):
+        members = np.flatnonzero(pred == c)
+        pos.append(members[np.argsort(-conf[members], kind="stable")[:per_class]])
+    pos = np.concatenate(pos).astype(np.int64)
+    return pos, pred[pos]
+
+
+def self_train(teacher: nn.Module, make_student: Callable[[], nn.Module], ft: FinetuneConfig, train: Split,
+               labelled: np.ndarray, eval_t: Callable, train_t: Callable, x_val: torch.Tensor, val_labels: np.ndarray,
+               dev: torch.device, seed: int, n_classes: int, channels_last: bool = False, num_workers: int = 0,
+               **fit_kw) -> tuple[nn.Module, FitResult, dict[str, float]]:
+    """One round of self-training: `teacher` pseudo-labels a seeded pool of unlabelled images of the `train` split,
+    then a fresh student (`make_student()`, the arm's initial model) is fine-tuned on the `labelled` indices plus the
+    `ft.pseudo_per_class` most confident pseudo-labelled images per class, selected on the same validation images
+    (`ft.pseudo_epochs`, `ft.pseudo_warmup_epochs`). Returns the student, its fit, and diagnostics; the
+    pseudo-labels' accuracy reads the pool's true labels for reporting only, nothing is chosen by it."""
+    pool = unlabelled_pool(len(train.labels), labelled, ft.pseudo_pool, seed + 1)
+    x_pool = stack_inputs(ImageDataset([train.images[i] for i in pool], np.zeros(len(pool), np.int64), eval_t),
+                          num_workers)
+    pos, pseudo = select_confident(predict_proba(teacher, x_pool, dev, channels_last=channels_last, tta=ft.tta),
+                                   ft.pseudo_per_class)
+    del x_pool
+    chosen = pool[pos]
+    student = make_student()
+    ds = ImageDataset([train.images[i] for i in np.concatenate([labelled, chosen])],
+                      np.concatenate([train.labels[labelled], pseudo]), train_t)
+    res = fit(student, ds, x_val, val_labels, replace(ft, epochs=ft.pseudo_epochs,
+                                                      warmup_epochs=ft.pseudo_warmup_epochs),
+              dev, seed=seed + 1, head=head_prefix(student), n_classes=n_classes, num_workers=num_workers,
+              channels_last=channels_last, **fit_kw)
+    acc = float(np.mean(pseudo == train.labels[chosen])) if len(chosen) else float("nan")
+    return student, res, {"pseudo_images": float(len(chosen)), "pseudo_label_accuracy": acc}

@@ -21,7 +21,7 @@ from pipeline.device import configure, device_name, resolve_device, use_channels
 from pipeline.metrics import classification_metrics
 from pipeline.predict import PREPROCESS_FILE, preprocess_spec
 from pipeline.tracking import download
-from pipeline.train import fit, predict_proba, stack_inputs
+from pipeline.train import fit, predict_proba, self_train, stack_inputs
 from pipeline.transforms import AlbumentationsTransform, build_transform
 
 
@@ -155,13 +155,25 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
             model = build_arm_model(arms[arm], model_name, C, split_seed)
             train_t = build_job_transform(ft, size, dinfo, split_seed)
             train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
-            res = fit(model, train_ds, x_val_all[torch.from_numpy(va_idx)], va.labels[va_idx], ft, dev,
-                      seed=split_seed, head=head_prefix(model), n_classes=C, on_epoch=on_epoch,
-                      num_workers=cfg.num_workers, channels_last=channels_last, compile=cfg.compile)
+            x_sel, y_sel = x_val_all[torch.from_numpy(va_idx)], va.labels[va_idx]
+            res = fit(model, train_ds, x_sel, y_sel, ft, dev, seed=split_seed, head=head_prefix(model), n_classes=C,
+                      on_epoch=on_epoch, num_workers=cfg.num_workers, channels_last=channels_last,
+                      compile=cfg.compile)
+            extra, history, first, seen = {}, res.history, 0, res.images_seen
+            if ft.pseudo_per_class:  # the fine-tuned model becomes the teacher; its student is the final model
+                extra["teacher_val_auc"] = res.best_val_auc
+                first = len(history)  # the student's curves continue the teacher's steps
+                model, res, diag = self_train(
+                    model, lambda: build_arm_model(arms[arm], model_name, C, split_seed), ft, tr, tr_idx, eval_t,
+                    train_t, x_sel, y_sel, dev, seed=split_seed, n_classes=C, channels_last=channels_last,
+                    num_workers=cfg.num_workers, compile=cfg.compile,
+                    on_epoch=(lambda e, r: on_epoch(first + e, r)) if on_epoch else None)
+                extra |= diag
+                history, seen = history + res.history, seen + res.images_seen
             prob = predict_proba(model, x_test, dev, channels_last=channels_last, tta=ft.tta)  # the one test pass
-        return {"history": res.history, "best_epoch": res.best_epoch, "best_val_auc": res.best_val_auc,
+        return {"history": history, "best_epoch": first + res.best_epoch, "best_val_auc": res.best_val_auc,
                 "prob": prob, "n_train": len(tr_idx), "n_val": len(va_idx), "seconds": time.time() - t0,
-                "train_images": res.images_seen, "state": {n: v.cpu() for n, v in model.state_dict().items()}}
+                "train_images": seen, "extra": extra, "state": {n: v.cpu() for n, v in model.state_dict().items()}}
 
     index = []
 
@@ -173,7 +185,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         mlflow.log_params({"arm": arm, "k": k, "seed": s, "n_train": res["n_train"], "n_val": res["n_val"],
                            "epochs": ft.epochs, "lr_body": ft.lr_body, "lr_head": ft.lr_head,
                            "warmup_epochs": ft.warmup_epochs, "image_size": size, "hflip": ft.hflip,
-                           "tta": ft.tta, "label_smoothing": ft.label_smoothing})
+                           "tta": ft.tta, "label_smoothing": ft.label_smoothing,
+                           "pseudo_per_class": ft.pseudo_per_class})
         fname = f"{arm}_k{k}_seed{s}.csv"
         df = pd.DataFrame(res["prob"], columns=[f"prob_{c}" for c in target.class_names])
         df.insert(0, "label", te.labels)
@@ -182,6 +195,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         test = classification_metrics(te.labels, res["prob"])
         mlflow.log_metrics({"best_epoch": res["best_epoch"] + 1, "best_val_auc": res["best_val_auc"],
                             "seconds": res["seconds"], "train_images_per_s": res["train_images"] / res["seconds"],
+                            **res["extra"],
                             **{f"test_{m}": v for m, v in test.items()}})
         mlflow.log_artifact(str(out_dir / fname), "predictions")
         model_uri = ""

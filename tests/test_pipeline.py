@@ -126,6 +126,23 @@ def test_bad_input_fails_cleanly_with_no_run_left_running(tmp_path, real_data, o
     assert msg in failed.data.tags["error"]
 
 
+def test_self_training_runs_a_student_after_the_teacher(tmp_path, real_data):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli(["run", "--stage", "backbone,finetune", "--config", SMOKE, "--set", f"data.root={real_data}",
+         "--set", "finetune.arms=[transfer]", "--set", "finetune.shots=[5]", "--set", "finetune.seeds=1",
+         "--set", "finetune.pseudo_per_class=6", "--set", "finetune.pseudo_pool=80",
+         "--set", "finetune.pseudo_epochs=2",
+         "--set", "finetune.pseudo_warmup_epochs=1", "--set", "finetune.patience=100"], tmp_path, uri)
+    run = next(r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "finetune-run")
+    m = run.data.metrics
+    assert run.data.params["pseudo_per_class"] == "6"
+    assert 1 <= m["pseudo_images"] <= 12 and 0.0 <= m["pseudo_label_accuracy"] <= 1.0
+    assert 0.0 <= m["teacher_val_auc"] <= 1.0
+    # the student's curve continues the teacher's: 3 teacher epochs, then 2 student epochs
+    steps = [h.step for h in MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")]
+    assert sorted(steps) == [1, 2, 3, 4, 5] and m["best_epoch"] in (4, 5)
+
+
 def test_unknown_config_key_exits_nonzero(tmp_path):
     p = cli(["run", "--set", "meta.nope=1"], tmp_path, f"sqlite:///{tmp_path / 'm.db'}", check=False)
     assert p.returncode == 2 and "unknown config key 'meta.nope'" in p.stderr

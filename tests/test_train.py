@@ -1,12 +1,12 @@
 """The fine-tuning recipe (`pipeline.train`) on a tiny model and synthetic images: which weights `fit` keeps,
-and the flip test-time augmentation."""
+the flip test-time augmentation, and self-training on pseudo-labels."""
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import FinetuneConfig
-from pipeline.data import ImageDataset
-from pipeline.train import FlipTTA, fit, log_loss, predict_proba
+from pipeline.data import ImageDataset, Split
+from pipeline.train import FlipTTA, fit, log_loss, predict_proba, select_confident, self_train, unlabelled_pool
 from pipeline.transforms import build_transform
 from tests.tiny import tiny
 
@@ -66,3 +66,53 @@ def test_hflip_is_only_in_the_train_transform_when_asked():
     assert "HorizontalFlip" in names(train=True, hflip=True)
     assert "HorizontalFlip" not in names(train=True)
     assert "HorizontalFlip" not in names(train=False, hflip=True)
+
+
+def test_unlabelled_pool_leaves_out_the_labelled_subset_and_is_seeded():
+    labelled = np.array([0, 3, 7])
+    pool = unlabelled_pool(20, labelled, 10, seed=4)
+    assert len(pool) == 10 and not set(pool) & set(labelled) and np.all(np.diff(pool) > 0)
+    assert np.array_equal(pool, unlabelled_pool(20, labelled, 10, seed=4))
+    assert not np.array_equal(pool, unlabelled_pool(20, labelled, 10, seed=5))
+    assert np.array_equal(unlabelled_pool(20, labelled, 0, seed=4), np.setdiff1d(np.arange(20), labelled))
+
+
+def test_select_confident_takes_the_most_confident_of_each_predicted_class():
+    prob = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.95, 0.05], [0.45, 0.55], [0.3, 0.7]])
+    pos, labels = select_confident(prob, 2)
+    assert pos.tolist() == [3, 0, 2, 5] and labels.tolist() == [0, 0, 1, 1]
+    pos, labels = select_confident(prob[[0, 1, 3]], 5)  # a teacher that predicts one class: none of the other made up
+    assert pos.tolist() == [2, 0, 1] and labels.tolist() == [0, 0, 0]
+
+
+class Brightness(torch.nn.Module):
+    """A fixed teacher: class 1 for bright images (right on `two_class_images`), or class 0 when `inverted`."""
+
+    def __init__(self, inverted: bool):
+        super().__init__()
+        self.sign = -1.0 if inverted else 1.0
+
+    def forward(self, x):
+        m = 4 * self.sign * x.mean((1, 2, 3))
+        return torch.stack([-m, m], 1)
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_self_train_trains_a_fresh_student_on_the_teachers_pseudo_labels(inverted):
+    _, x_val, va_y, ft = setup()
+    t = build_transform(8, (0.5,) * 3, (0.25,) * 3, train=False)
+    images, labels = two_class_images(40, 2)
+    train = Split(images, labels)
+    labelled = np.arange(8)
+    ft.pseudo_per_class, ft.pseudo_pool, ft.pseudo_epochs, ft.pseudo_warmup_epochs = 10, 30, 4, 1
+    init = tiny(seed=3, dtype=torch.float32, n_classes=2)
+    student, res, diag = self_train(Brightness(inverted), lambda: tiny(seed=3, dtype=torch.float32, n_classes=2), ft,
+                                    train, labelled, t, t, x_val, va_y, CPU, seed=5, n_classes=2)
+    assert diag["pseudo_images"] == 20
+    # the pseudo-labels are the teacher's, not the pool's true labels (which only score them)
+    assert diag["pseudo_label_accuracy"] == (0.0 if inverted else 1.0)
+    assert len(res.history) == 4 and res.images_seen == 4 * 24  # 8 labelled + 20 pseudo-labelled: 3 batches of 8
+    moved = [not torch.equal(a, b) for a, b in zip(student.state_dict().values(), init.state_dict().values())]
+    assert any(moved)  # the student was trained from a fresh initial model
+    auc = res.best_val_auc
+    assert (auc < 0.5) if inverted else (auc > 0.9)  # 20 wrong pseudo-labels outvote 8 true labels
