@@ -9,7 +9,9 @@ by default), so figures can differ slightly from the stage's runs of the same se
     python benchmarks/finetune_recipe.py [--k 20] [--seeds 0,1,2] [--arm transfer] [--test] \
         [--set finetune.image_size=128 --set finetune.lr_body=0.001 ...]
 
-Prints one JSON line per seed and, last, `RESULT val_auc=<mean> val_loss=<mean> [test_auc=<mean>]`.
+Prints one JSON line per seed and, last, `RESULT val_auc=<mean> val_loss=<mean> [test_auc=<mean>]`; with
+self-training (`--set finetune.pseudo_per_class=N`) the row describes the student and also gives its teacher's
+(the plain fine-tune's) figures.
 """
 from __future__ import annotations
 
@@ -74,6 +76,9 @@ def main() -> None:
             if ft.pseudo_per_class:  # self-training, as the stage does it; the row then describes the student
                 p_val = predict_proba(model, x_val, dev, tta=ft.tta)
                 row["teacher_val_auc"] = round(classification_metrics(va.labels, p_val)["auc"], 4)
+                if x_test is not None:  # the teacher is a final model of its own (self-training off): one test pass
+                    p_test = predict_proba(model, x_test, dev, tta=ft.tta)
+                    row["teacher_test_auc"] = round(classification_metrics(te.labels, p_test)["auc"], 4)
                 model, res, diag = self_train(model, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed),
                                               ft, tr, tr_idx, ev, train_t, x_sel, y_sel, dev, seed=split_seed,
                                               n_classes=C)
@@ -92,6 +97,10 @@ def main() -> None:
            f"val_loss={np.mean([r['val_loss'] for r in rows]):.4f}")
     if x_test is not None:
         out += f" test_auc={np.mean([r['test_auc'] for r in rows]):.4f}"
+    if ft.pseudo_per_class:
+        out += " teacher_val_auc=" + f"{np.mean([r['teacher_val_auc'] for r in rows]):.4f}"
+        if x_test is not None:
+            out += " teacher_test_auc=" + f"{np.mean([r['teacher_test_auc'] for r in rows]):.4f}"
     print(out, f"(k={args.k}, size={size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)
 
 
