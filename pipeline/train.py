@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from .backbone import head_prefix
 from .config import FinetuneConfig
 from .data import ImageDataset, Split
-from .backbone import head_prefix
 from .device import autocast, to_memory_format
 from .metrics import classification_metrics
 
