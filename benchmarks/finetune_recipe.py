@@ -11,7 +11,7 @@ by default), so figures can differ slightly from the stage's runs of the same se
 
 Prints one JSON line per seed and, last, `RESULT val_auc=<mean> val_loss=<mean> [test_auc=<mean>]`; with
 self-training (`--set finetune.pseudo_per_class=N`) the row describes the student and also gives its teacher's
-(the plain fine-tune's) figures.
+(the plain fine-tune's) figures and the paired difference. `--from-log FILE` re-prints the summary of a saved run.
 """
 from __future__ import annotations
 
@@ -29,11 +29,31 @@ from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  #
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.device import configure, resolve_device  # noqa: E402
-from pipeline.metrics import classification_metrics  # noqa: E402
+from pipeline.metrics import classification_metrics, mean_ci, paired_comparison  # noqa: E402
 from pipeline.train import fit, log_loss, predict_proba, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
 from pipeline.train import self_train  # noqa: E402
 from stages.finetune import build_arm_model, build_job_transform, job_subsets, selection_size  # noqa: E402
+
+
+def summarise(rows: list[dict]) -> str:
+    """The RESULT line: means over seeds; with self-training also the teacher's means and, for every split both
+    were scored on, the paired student-minus-teacher difference (mean [95% t-CI], Wilcoxon p)."""
+    def mean(key: str) -> str:
+        return f"{np.mean([r[key] for r in rows]):.4f}"
+    out = "RESULT " + " ".join(f"{key}={mean(key)}" for key in ("val_auc", "val_loss", "test_auc", "teacher_val_auc",
+                                                                "teacher_test_auc") if key in rows[0])
+    for split in ("val", "test"):
+        if f"teacher_{split}_auc" in rows[0]:
+            c = paired_comparison(np.array([r[f"{split}_auc"] for r in rows]),
+                                  np.array([r[f"teacher_{split}_auc"] for r in rows]))
+            m, lo, hi = mean_ci([r[f"{split}_auc"] for r in rows])
+            t, tlo, thi = mean_ci([r[f"teacher_{split}_auc"] for r in rows])
+            out += (f"\n{split} AUC mean [95% t-CI]: student {m:.4f} [{lo:.4f}, {hi:.4f}], "
+                    f"teacher {t:.4f} [{tlo:.4f}, {thi:.4f}]")
+            out += (f"\nPAIRED {split} AUC student-teacher: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
+                    f"{c['ci_high']:+.4f}], Wilcoxon p={c['wilcoxon_p']:.3g}, n={c['n']}")
+    return out
 
 
 def main() -> None:
@@ -44,7 +64,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--arm", default="transfer", choices=["transfer", "scratch"])
     ap.add_argument("--test", action="store_true", help="also score the test split (not for choosing a recipe)")
+    ap.add_argument("--from-log", default=None, metavar="FILE",
+                    help="only summarise the JSON rows an earlier run printed (its saved output); trains nothing")
     args = ap.parse_args()
+    if args.from_log:
+        rows = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith("{")]
+        print(summarise(rows), f"({len(rows)} seeds from {args.from_log})")
+        return
     cfg = load_config(args.config, args.overrides)
     ft, dev = cfg.finetune, resolve_device(cfg.device)
     configure(dev)
@@ -93,16 +119,7 @@ def main() -> None:
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = (f"RESULT val_auc={np.mean([r['val_auc'] for r in rows]):.4f} "
-           f"val_loss={np.mean([r['val_loss'] for r in rows]):.4f}")
-    if x_test is not None:
-        out += f" test_auc={np.mean([r['test_auc'] for r in rows]):.4f}"
-    if ft.pseudo_per_class:
-        out += " teacher_val_auc=" + f"{np.mean([r['teacher_val_auc'] for r in rows]):.4f}"
-        if x_test is not None:
-            out += " teacher_test_auc=" + f"{np.mean([r['teacher_test_auc'] for r in rows]):.4f}"
-    print(out, f"(k={args.k}, size={size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)
-
+    print(summarise(rows), f"(k={args.k}, size={size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)
 
 if __name__ == "__main__":
     main()
