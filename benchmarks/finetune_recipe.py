@@ -30,9 +30,8 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.device import configure, resolve_device  # noqa: E402
 from pipeline.metrics import classification_metrics, mean_ci, paired_comparison  # noqa: E402
-from pipeline.train import fit, log_loss, predict_proba, stack_inputs  # noqa: E402
+from pipeline.train import fit, log_loss, predict_proba, self_train, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
-from pipeline.train import self_train  # noqa: E402
 from stages.finetune import build_arm_model, build_job_transform, job_subsets, selection_size  # noqa: E402
 
 
@@ -89,6 +88,16 @@ def main() -> None:
                                      weights_file=cfg.backbone.weights_file)
         ckpt = {"model_name": cfg.backbone.model, "state_dict": body.state_dict()}
     rows = []
+
+    def scores(model: torch.nn.Module) -> dict[str, float]:
+        """Validation AUC and log loss on the whole val split, and test AUC with `--test`."""
+        p_val = predict_proba(model, x_val, dev, tta=ft.tta)
+        out = {"val_auc": round(classification_metrics(va.labels, p_val)["auc"], 4),
+               "val_loss": round(log_loss(va.labels, p_val), 4)}
+        if x_test is not None:
+            p_test = predict_proba(model, x_test, dev, tta=ft.tta)
+            out["test_auc"] = round(classification_metrics(te.labels, p_test)["auc"], 4)
+        return out
     for s in (int(v) for v in args.seeds.split(",")):
         t0 = time.time()
         split_seed, tr_idx, va_idx = job_subsets(tr.labels, va.labels, args.k, n_val, cfg.seed, s, target.source)
@@ -100,26 +109,19 @@ def main() -> None:
                       x_sel, y_sel, ft, dev, seed=split_seed, head=head_prefix(model), n_classes=C)
             row = {"seed": s, "best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4)}
             if ft.pseudo_per_class:  # self-training, as the stage does it; the row then describes the student
-                p_val = predict_proba(model, x_val, dev, tta=ft.tta)
-                row["teacher_val_auc"] = round(classification_metrics(va.labels, p_val)["auc"], 4)
-                if x_test is not None:  # the teacher is a final model of its own (self-training off): one test pass
-                    p_test = predict_proba(model, x_test, dev, tta=ft.tta)
-                    row["teacher_test_auc"] = round(classification_metrics(te.labels, p_test)["auc"], 4)
+                # the teacher is a final model of its own (self-training off): one validation and one test pass
+                row |= {f"teacher_{key}": v for key, v in scores(model).items() if key != "val_loss"}
                 model, res, diag = self_train(model, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed),
                                               ft, tr, tr_idx, ev, train_t, x_sel, y_sel, dev, seed=split_seed,
                                               n_classes=C)
                 row |= {"best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
                         **{key: round(v, 4) for key, v in diag.items()}}
-        p_val = predict_proba(model, x_val, dev, tta=ft.tta)
-        row |= {"val_auc": round(classification_metrics(va.labels, p_val)["auc"], 4),
-                "val_loss": round(log_loss(va.labels, p_val), 4)}
-        if x_test is not None:
-            p_test = predict_proba(model, x_test, dev, tta=ft.tta)
-            row["test_auc"] = round(classification_metrics(te.labels, p_test)["auc"], 4)
+        row |= scores(model)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(summarise(rows), f"(k={args.k}, size={size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from .backbone import head_prefix
 from .config import FinetuneConfig
-from .data import ImageDataset, Split
+from .data import DataError, ImageDataset, Split
 from .device import autocast, to_memory_format
 from .metrics import classification_metrics
 
@@ -170,6 +170,9 @@ def self_train(teacher: nn.Module, make_student: Callable[[], nn.Module], ft: Fi
     (`ft.pseudo_epochs`, `ft.pseudo_warmup_epochs`). Returns the student, its fit, and diagnostics; the
     pseudo-labels' accuracy reads the pool's true labels for reporting only, nothing is chosen by it."""
     pool = unlabelled_pool(len(train.labels), labelled, ft.pseudo_pool, seed + 1)
+    if not len(pool):
+        raise DataError(f"self-training needs unlabelled train images, but the k-shot subset uses all {len(labelled)}; "
+                        f"lower finetune.shots or set finetune.pseudo_per_class=0")
     x_pool = stack_inputs(ImageDataset([train.images[i] for i in pool], np.zeros(len(pool), np.int64), eval_t),
                           num_workers)
     pos, pseudo = select_confident(predict_proba(teacher, x_pool, dev, channels_last=channels_last, tta=ft.tta),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import FinetuneConfig
-from pipeline.data import ImageDataset, Split
+from pipeline.data import DataError, ImageDataset, Split
 from pipeline.train import FlipTTA, fit, log_loss, predict_proba, select_confident, self_train, unlabelled_pool
 from pipeline.transforms import build_transform
 from tests.tiny import tiny
@@ -116,3 +116,13 @@ def test_self_train_trains_a_fresh_student_on_the_teachers_pseudo_labels(inverte
     assert any(moved)  # the student was trained from a fresh initial model
     auc = res.best_val_auc
     assert (auc < 0.5) if inverted else (auc > 0.9)  # 20 wrong pseudo-labels outvote 8 true labels
+
+
+def test_self_train_without_unlabelled_images_is_a_clear_error():
+    _, x_val, va_y, ft = setup()
+    t = build_transform(8, (0.5,) * 3, (0.25,) * 3, train=False)
+    images, labels = two_class_images(8, 2)
+    ft.pseudo_per_class = 4
+    with pytest.raises(DataError, match="finetune.pseudo_per_class=0"):
+        self_train(Brightness(False), lambda: tiny(seed=3, dtype=torch.float32, n_classes=2), ft,
+                   Split(images, labels), np.arange(8), t, t, x_val, va_y, CPU, seed=5, n_classes=2)
