@@ -36,22 +36,26 @@ from stages.finetune import build_arm_model, build_job_transform, job_subsets, s
 
 
 def summarise(rows: list[dict]) -> str:
-    """The RESULT line: means over seeds; with self-training also the teacher's means and, for every split both
-    were scored on, the paired student-minus-teacher difference (mean [95% t-CI], Wilcoxon p)."""
+    """The RESULT line: means over seeds; with self-training also the teacher's (and each earlier round's student's)
+    means and, for every split both were scored on, the paired final-minus-earlier difference (mean [95% t-CI],
+    Wilcoxon p)."""
     def mean(key: str) -> str:
         return f"{np.mean([r[key] for r in rows]):.4f}"
-    out = "RESULT " + " ".join(f"{key}={mean(key)}" for key in ("val_auc", "val_loss", "test_auc", "teacher_val_auc",
-                                                                "teacher_test_auc") if key in rows[0])
+    earlier = ["teacher"] + sorted({key.split("_")[0] for key in rows[0] if key.startswith("round")})
+    out = "RESULT " + " ".join(f"{key}={mean(key)}" for key in ("val_auc", "val_loss", "test_auc") +
+                               tuple(f"{e}_{split}_auc" for e in earlier for split in ("val", "test"))
+                               if key in rows[0])
     for split in ("val", "test"):
-        if f"teacher_{split}_auc" in rows[0]:
-            c = paired_comparison(np.array([r[f"{split}_auc"] for r in rows]),
-                                  np.array([r[f"teacher_{split}_auc"] for r in rows]))
-            m, lo, hi = mean_ci([r[f"{split}_auc"] for r in rows])
-            t, tlo, thi = mean_ci([r[f"teacher_{split}_auc"] for r in rows])
-            out += (f"\n{split} AUC mean [95% t-CI]: student {m:.4f} [{lo:.4f}, {hi:.4f}], "
-                    f"teacher {t:.4f} [{tlo:.4f}, {thi:.4f}]")
-            out += (f"\nPAIRED {split} AUC student-teacher: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
-                    f"{c['ci_high']:+.4f}], Wilcoxon p={c['wilcoxon_p']:.3g}, n={c['n']}")
+        for e in earlier:
+            if f"{e}_{split}_auc" in rows[0]:
+                c = paired_comparison(np.array([r[f"{split}_auc"] for r in rows]),
+                                      np.array([r[f"{e}_{split}_auc"] for r in rows]))
+                m, lo, hi = mean_ci([r[f"{split}_auc"] for r in rows])
+                t, tlo, thi = mean_ci([r[f"{e}_{split}_auc"] for r in rows])
+                out += (f"\n{split} AUC mean [95% t-CI]: student {m:.4f} [{lo:.4f}, {hi:.4f}], "
+                        f"{e} {t:.4f} [{tlo:.4f}, {thi:.4f}]")
+                out += (f"\nPAIRED {split} AUC student-{e}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
+                        f"{c['ci_high']:+.4f}], Wilcoxon p={c['wilcoxon_p']:.3g}, n={c['n']}")
     return out
 
 
@@ -111,11 +115,14 @@ def main() -> None:
             if ft.pseudo_per_class:  # self-training, as the stage does it; the row then describes the student
                 # the teacher is a final model of its own (self-training off): one validation and one test pass
                 row |= {f"teacher_{key}": v for key, v in scores(model).items() if key != "val_loss"}
-                model, res, diag = self_train(model, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed),
-                                              ft, tr, tr_idx, ev, train_t, x_sel, y_sel, dev, seed=split_seed,
-                                              n_classes=C)
-                row |= {"best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
-                        **{key: round(v, 4) for key, v in diag.items()}}
+                for rnd in range(ft.pseudo_rounds):
+                    if rnd:  # an earlier round's student, the next teacher, is scored like a final model too
+                        row |= {f"round{rnd}_{key}": v for key, v in scores(model).items() if key != "val_loss"}
+                    model, res, diag = self_train(
+                        model, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed), ft, tr, tr_idx, ev,
+                        train_t, x_sel, y_sel, dev, seed=split_seed + rnd, n_classes=C)
+                    row |= {"best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
+                            **{key: round(v, 4) for key, v in diag.items()}}
         row |= scores(model)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)

@@ -115,6 +115,7 @@ class FinetuneConfig:
     pseudo_pool: int = 2000  # unlabelled train images the teacher scores (0 = every one outside the k-shot subset)
     pseudo_epochs: int = 10  # the student's epochs (each one pass over labelled + pseudo-labelled images)
     pseudo_warmup_epochs: int = 2  # the student's linear-probe epochs
+    pseudo_rounds: int = 1  # rounds of self-training: from the second on, the last student is the teacher
     min_steps_per_epoch: int = 4  # tiny k: repeat the set so an epoch has a few steps
     log_models: bool = True  # log every final model with mlflow.pytorch (signature, input example, preprocessing)
     registry_name: str = "fewshot-medmeta"  # register each arm's best-by-validation model as <name>-<arm>; "" = off
@@ -271,6 +272,8 @@ def validate(cfg: PipelineConfig) -> None:
     for key in ("pseudo_per_class", "pseudo_pool", "pseudo_warmup_epochs"):
         if getattr(cfg.finetune, key) < 0:
             raise ConfigError(f"config key 'finetune.{key}' must be >= 0, got {getattr(cfg.finetune, key)}")
+    if cfg.finetune.pseudo_rounds < 1:
+        raise ConfigError(f"config key 'finetune.pseudo_rounds' must be >= 1, got {cfg.finetune.pseudo_rounds}")
     if cfg.finetune.pseudo_per_class and cfg.finetune.pseudo_epochs < 1:
         raise ConfigError(f"config key 'finetune.pseudo_epochs' must be >= 1 with self-training on, got "
                           f"{cfg.finetune.pseudo_epochs}")

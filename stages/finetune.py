@@ -160,14 +160,15 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                       on_epoch=on_epoch, num_workers=cfg.num_workers, channels_last=channels_last,
                       compile=cfg.compile)
             extra, history, first, seen = {}, res.history, 0, res.images_seen
-            if ft.pseudo_per_class:  # the fine-tuned model becomes the teacher; its student is the final model
-                extra["teacher_val_auc"] = res.best_val_auc
+            # self-training: the fine-tuned model becomes the teacher; its student (after the last round) is final
+            for rnd in range(ft.pseudo_rounds if ft.pseudo_per_class else 0):
+                extra["teacher_val_auc" if rnd == 0 else f"round{rnd}_val_auc"] = res.best_val_auc
                 first = len(history)  # the student's curves continue the teacher's steps
                 model, res, diag = self_train(
                     model, lambda: build_arm_model(arms[arm], model_name, C, split_seed), ft, tr, tr_idx, eval_t,
-                    train_t, x_sel, y_sel, dev, seed=split_seed, n_classes=C, channels_last=channels_last,
+                    train_t, x_sel, y_sel, dev, seed=split_seed + rnd, n_classes=C, channels_last=channels_last,
                     num_workers=cfg.num_workers, compile=cfg.compile,
-                    on_epoch=(lambda e, r: on_epoch(first + e, r)) if on_epoch else None)
+                    on_epoch=(lambda e, r, first=first: on_epoch(first + e, r)) if on_epoch else None)
                 extra |= diag
                 history, seen = history + res.history, seen + res.images_seen
             prob = predict_proba(model, x_test, dev, channels_last=channels_last, tta=ft.tta)  # the one test pass
@@ -186,7 +187,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                            "epochs": ft.epochs, "lr_body": ft.lr_body, "lr_head": ft.lr_head,
                            "warmup_epochs": ft.warmup_epochs, "image_size": size, "hflip": ft.hflip,
                            "tta": ft.tta, "label_smoothing": ft.label_smoothing,
-                           "pseudo_per_class": ft.pseudo_per_class})
+                           "pseudo_per_class": ft.pseudo_per_class, "pseudo_rounds": ft.pseudo_rounds})
         fname = f"{arm}_k{k}_seed{s}.csv"
         df = pd.DataFrame(res["prob"], columns=[f"prob_{c}" for c in target.class_names])
         df.insert(0, "label", te.labels)

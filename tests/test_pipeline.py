@@ -131,16 +131,17 @@ def test_self_training_runs_a_student_after_the_teacher(tmp_path, real_data):
     cli(["run", "--stage", "backbone,finetune", "--config", SMOKE, "--set", f"data.root={real_data}",
          "--set", "finetune.arms=[transfer]", "--set", "finetune.shots=[5]", "--set", "finetune.seeds=1",
          "--set", "finetune.pseudo_per_class=6", "--set", "finetune.pseudo_pool=80",
-         "--set", "finetune.pseudo_epochs=2",
+         "--set", "finetune.pseudo_epochs=2", "--set", "finetune.pseudo_rounds=2",
          "--set", "finetune.pseudo_warmup_epochs=1", "--set", "finetune.patience=100"], tmp_path, uri)
     run = next(r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "finetune-run")
     m = run.data.metrics
-    assert run.data.params["pseudo_per_class"] == "6"
+    assert run.data.params["pseudo_per_class"] == "6" and run.data.params["pseudo_rounds"] == "2"
     assert 1 <= m["pseudo_images"] <= 12 and 0.0 <= m["pseudo_label_accuracy"] <= 1.0
-    assert 0.0 <= m["teacher_val_auc"] <= 1.0
-    # the student's curve continues the teacher's: 3 teacher epochs, then 2 student epochs
+    assert 0.0 <= m["teacher_val_auc"] <= 1.0 and 0.0 <= m["round1_val_auc"] <= 1.0
+    # the students' curves continue the teacher's: 3 teacher epochs, then 2 epochs for each round's student, and the
+    # final model is the second student
     steps = [h.step for h in MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")]
-    assert sorted(steps) == [1, 2, 3, 4, 5] and m["best_epoch"] in (4, 5)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6, 7] and m["best_epoch"] in (6, 7)
 
 
 def test_unknown_config_key_exits_nonzero(tmp_path):
