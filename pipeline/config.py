@@ -130,6 +130,7 @@ class EvaluateConfig:
     ci: float = 0.95
     reference_arm: str = "transfer"  # other arms are compared to this one, paired by (k, seed)
     from_run: str = ""  # explicit finetune run id
+    ensemble: bool = True  # add an `ensemble` arm: mean probabilities of transfer and meta-* arms per (k, seed)
 
 
 @dataclass

@@ -31,6 +31,45 @@ def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np
     return df["label"].to_numpy(), df[[f"prob_{c}" for c in class_names]].to_numpy()
 
 
+def add_ensemble(pred_dir: Path, name: str = "ensemble") -> int:
+    """Add an arm `name` to `pred_dir`: per (k, seed), the mean class probabilities of every pretrained arm
+    (`transfer` and `meta-*`; scratch is left out), when at least two of them are there. Its prediction files and
+    index entries are written like the finetune stage's, so `compute_results` (and anyone re-reading the CSVs)
+    treats it as one more arm. The ensemble is fixed in advance, nothing about it is chosen on test. Returns the
+    number of ensemble rows written."""
+    index = json.loads((pred_dir / "index.json").read_text())
+    classes = index["class_names"]
+    members = [a for a in index["arms"] if a == "transfer" or a.startswith("meta-")]
+    if len(members) < 2 or name in index["arms"]:
+        return 0
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in index["runs"]:
+        if r["arm"] in members:
+            groups.setdefault((r["k"], r["seed"]), []).append(r)
+    n = 0
+    for (k, seed), runs in sorted(groups.items()):
+        if len(runs) != len(members):
+            continue
+        frames = [pd.read_csv(pred_dir / r["file"]) for r in runs]
+        first = frames[0]
+        for r, f in zip(runs[1:], frames[1:]):  # members must predict the same images with the same labels
+            if not (f["index"].equals(first["index"]) and f["label"].equals(first["label"])):
+                raise ValueError(f"{pred_dir / r['file']} and {pred_dir / runs[0]['file']} cover different test "
+                                 "images; rerun the finetune stage so every arm predicts the same test split")
+        cols = [f"prob_{c}" for c in classes]
+        ens = first[["index", "label"]].copy()
+        ens[cols] = np.mean([f[cols].to_numpy(float) for f in frames], axis=0)
+        file = f"{name}_k{k}_seed{seed}.csv"
+        ens.to_csv(pred_dir / file, index=False)
+        index["runs"].append({"arm": name, "k": k, "seed": seed, "file": file, "members": [r["arm"] for r in runs],
+                              "best_val_auc": None})
+        n += 1
+    if n:
+        index["arms"].append(name)
+        (pred_dir / "index.json").write_text(json.dumps(index, indent=1))
+    return n
+
+
 def compute_results(pred_dir: Path, ev_bootstrap: int = 1000, ci: float = 0.95, reference: str = "transfer"
                     ) -> dict:
     """results.json content: one row per (arm, k, seed), aggregates per (arm, k), paired comparisons."""
@@ -181,6 +220,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     out = Path(tempfile.mkdtemp(prefix="evaluate-"))
     pred_dir = out / "predictions"
     shutil.copytree(src, pred_dir)
+    if ev.ensemble:
+        add_ensemble(pred_dir)
     res = compute_results(pred_dir, ev.bootstrap, ev.ci, ev.reference_arm)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     text = write_report(res, cfg.to_dict(), out)
