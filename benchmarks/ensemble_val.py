@@ -1,0 +1,95 @@
+"""Validation check of the evaluate stage's `ensemble` arm: does averaging the pretrained arms help on *validation*?
+
+The evaluate stage adds an `ensemble` arm (mean class probabilities of the transfer and meta-* arms on the same
+k-shot subset) from the test predictions. Whether to recommend it has to be decided on validation data, so this
+script reloads every logged model of a finetune run, predicts the target's whole validation split with the
+preprocessing stored beside the model (flip TTA included if the model was scored with it), and compares the
+ensemble with each member arm, paired by (k, seed). The test split is not read.
+
+    python benchmarks/ensemble_val.py --run <finetune run id> [--config configs/default.yaml] [--set key=value]
+
+The config only has to describe the same target data set as the finetune run (`data.*`). Prints one JSON line per
+(k, seed) and a summary per k and pooled: mean validation AUC per arm and the paired ensemble-minus-arm difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import ImageDataset, load_target  # noqa: E402
+from pipeline.metrics import classification_metrics, mean_ci, paired_comparison  # noqa: E402
+from pipeline.predict import load_model  # noqa: E402
+from pipeline.tracking import download, main_client, run_outputs, setup_tracking  # noqa: E402
+from pipeline.train import predict_proba, stack_inputs  # noqa: E402
+from pipeline.transforms import build_transform  # noqa: E402
+
+
+def summarise(rows: list[dict], members: list[str]) -> str:
+    """Mean validation AUC per arm and the paired ensemble-minus-member differences, per k and pooled."""
+    lines = []
+    for k in sorted({r["k"] for r in rows}) + ["all"]:
+        g = [r for r in rows if k == "all" or r["k"] == k]
+        if k == "all" and len({r["k"] for r in rows}) == 1:
+            break
+        means = {a: mean_ci(np.array([r[a] for r in g])) for a in [*members, "ensemble"]}
+        head = ", ".join(f"{a} {m:.4f} [{lo:.4f}, {hi:.4f}]" for a, (m, lo, hi) in means.items())
+        lines.append(f"k={k} (n={len(g)}) val AUC: {head}")
+        for a in members:
+            c = paired_comparison(np.array([r["ensemble"] for r in g]), np.array([r[a] for r in g]))
+            up = sum(r["ensemble"] > r[a] for r in g)
+            lines.append(f"  PAIRED val AUC ensemble-{a}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
+                         f"{c['ci_high']:+.4f}], Wilcoxon p={c['wilcoxon_p']:.3g}, {up} of {len(g)} up")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="finetune stage run id (its predictions/index.json lists models)")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    setup_tracking(cfg.experiment)
+    run = main_client().get_run(args.run)
+    if run.data.tags.get("pipeline.stage") != "finetune":
+        sys.exit(f"run {args.run} is not a finetune stage run; give the id of the run named 'finetune'")
+    index = json.loads((download(run_outputs(run)["predictions_uri"]) / "index.json").read_text())
+    members = [a for a in index["arms"] if a == "transfer" or a.startswith("meta-")]
+    if len(members) < 2:
+        sys.exit(f"run {args.run} has pretrained arms {members}; the ensemble needs at least two")
+    va = load_target(cfg).splits["val"]
+    torch.manual_seed(0)
+    inputs: dict[tuple, torch.Tensor] = {}  # one stacked val tensor per preprocessing spec
+    probs: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    for r in index["runs"]:
+        if r["arm"] not in members:
+            continue
+        if not r.get("model_uri"):
+            sys.exit(f"run {args.run} logged no models (finetune.log_models was false); rerun with it on")
+        model, spec = load_model(r["model_uri"])
+        key = (spec["image_size"], tuple(spec["mean"]), tuple(spec["std"]))
+        if key not in inputs:
+            t = build_transform(spec["image_size"], spec["mean"], spec["std"], train=False)
+            inputs[key] = stack_inputs(ImageDataset(va.images, va.labels, t))
+        probs.setdefault((r["k"], r["seed"]), {})[r["arm"]] = predict_proba(
+            model, inputs[key], torch.device("cpu"), tta=bool(spec.get("tta")))
+    rows = []
+    for (k, seed), p in sorted(probs.items()):
+        if set(p) != set(members):
+            continue
+        row = {"k": k, "seed": seed, **{a: round(classification_metrics(va.labels, p[a])["auc"], 4) for a in members}}
+        row["ensemble"] = round(classification_metrics(va.labels, np.mean([p[a] for a in members], 0))["auc"], 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(summarise(rows, members), f"(finetune run {args.run}, {len(va.labels)} validation images)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
