@@ -65,7 +65,8 @@ def test_all_stages_make_parent_and_four_finished_children(smoke):
                      for k in (5, 20) for s in (0, 1)}
     assert "val_auc" in ft[0].data.metrics and "test_auc" in ft[0].data.metrics
     # summary metrics on the parent, lined up for the compare view
-    assert {"auc_k20_transfer", "auc_k20_scratch", "auc_k5_meta-reptile"} <= set(parents[0].data.metrics)
+    summary = {"auc_k20_transfer", "auc_k20_scratch", "auc_k5_meta-reptile", "auc_k20_ensemble"}
+    assert summary <= set(parents[0].data.metrics)
     print(f"smoke --stage all took {smoke['seconds']:.1f}s")
 
 
@@ -77,7 +78,13 @@ def test_evaluate_artifacts_and_metrics_recompute_from_predictions(smoke):
     for f in ("results.json", "report.md", "auc_vs_k.png", "roc_curves.png", "confusion_matrices.png"):
         assert (d / f).is_file(), f
     res = json.loads((d / "results.json").read_text())
-    assert len(res["rows"]) == 12
+    assert len(res["rows"]) == 16  # 3 arms x 2 k x 2 seeds, plus the ensemble of transfer and meta-reptile
+    assert res["arms"] == ["scratch", "transfer", "meta-reptile", "ensemble"]
+    for k, s in [(5, 0), (5, 1), (20, 0), (20, 1)]:  # the ensemble is the mean of its members' probabilities
+        ens, tr, me = (pd.read_csv(d / "predictions" / f"{a}_k{k}_seed{s}.csv")
+                       for a in ("ensemble", "transfer", "meta-reptile"))
+        np.testing.assert_allclose(ens.prob_1, (tr.prob_1 + me.prob_1) / 2, rtol=1e-6)
+        assert ens.label.equals(tr.label)
     for row in res["rows"]:
         csv = d / "predictions" / f"{row['arm']}_k{row['k']}_seed{row['seed']}.csv"
         df = pd.read_csv(csv)

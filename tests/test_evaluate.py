@@ -1,0 +1,62 @@
+"""The evaluate stage's ensemble arm on synthetic prediction files (the real-data path is in test_pipeline)."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.metrics import classification_metrics
+from stages.evaluate import add_ensemble, compute_results
+
+
+def write_preds(d, arms, ks=(5, 20), seeds=(0, 1), n=40, skip=()):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    runs = []
+    for arm in arms:
+        for k in ks:
+            for s in seeds:
+                if (arm, k, s) in skip:
+                    continue
+                p1 = np.clip(0.5 * y + rng.uniform(0, 0.5, n), 0, 1)  # informative, different per model
+                f = f"{arm}_k{k}_seed{s}.csv"
+                pd.DataFrame({"index": np.arange(n), "label": y, "prob_0": 1 - p1, "prob_1": p1}).to_csv(
+                    d / f, index=False)
+                runs.append({"arm": arm, "k": k, "seed": s, "file": f, "best_val_auc": 0.9})
+    (d / "index.json").write_text(json.dumps({"class_names": ["0", "1"], "dataset": "synthetic", "arms": list(arms),
+                                              "runs": runs}))
+
+
+def test_ensemble_is_the_mean_of_the_pretrained_arms_and_scored_like_an_arm(tmp_path):
+    write_preds(tmp_path, ["scratch", "transfer", "meta-maml", "meta-reptile"], skip={("meta-maml", 20, 1)})
+    assert add_ensemble(tmp_path) == 3  # (20, 1) lacks a member, so it gets no ensemble row
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["arms"][-1] == "ensemble"
+    ens = pd.read_csv(tmp_path / "ensemble_k5_seed1.csv")
+    members = [pd.read_csv(tmp_path / f"{a}_k5_seed1.csv") for a in ("transfer", "meta-maml", "meta-reptile")]
+    np.testing.assert_allclose(ens[["prob_0", "prob_1"]], np.mean([m[["prob_0", "prob_1"]] for m in members], 0))
+    scratch = pd.read_csv(tmp_path / "scratch_k5_seed1.csv")
+    assert not np.allclose(ens.prob_1, np.mean([m.prob_1 for m in [*members, scratch]], 0))  # scratch is left out
+    assert not (tmp_path / "ensemble_k20_seed1.csv").exists()
+    res = compute_results(tmp_path, ev_bootstrap=0)
+    row = next(r for r in res["rows"] if r["arm"] == "ensemble" and r["k"] == 5 and r["seed"] == 1)
+    assert row["auc"] == pytest.approx(classification_metrics(ens.label.to_numpy(), ens[["prob_0", "prob_1"]]
+                                                              .to_numpy())["auc"])
+    assert any(c["arm"] == "ensemble" and c["k"] == 5 for c in res["comparisons"])  # paired against transfer
+    assert add_ensemble(tmp_path) == 0  # idempotent: a second call adds nothing
+
+
+def test_no_ensemble_with_one_pretrained_arm(tmp_path):
+    write_preds(tmp_path, ["scratch", "transfer"])
+    assert add_ensemble(tmp_path) == 0
+    assert json.loads((tmp_path / "index.json").read_text())["arms"] == ["scratch", "transfer"]
+
+
+def test_members_predicting_different_images_are_refused(tmp_path):
+    write_preds(tmp_path, ["transfer", "meta-reptile"])
+    f = tmp_path / "meta-reptile_k5_seed0.csv"
+    df = pd.read_csv(f)
+    df.loc[0, "label"] = 1 - df.loc[0, "label"]
+    df.to_csv(f, index=False)
+    with pytest.raises(ValueError, match="meta-reptile_k5_seed0.csv"):
+        add_ensemble(tmp_path)
