@@ -29,6 +29,7 @@ from pipeline.predict import load_model  # noqa: E402
 from pipeline.tracking import download, main_client, run_outputs, setup_tracking  # noqa: E402
 from pipeline.train import predict_proba, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
+from stages.evaluate import ensemble_members  # noqa: E402
 
 
 def summarise(rows: list[dict], members: list[str]) -> str:
@@ -61,7 +62,7 @@ def main() -> None:
     if run.data.tags.get("pipeline.stage") != "finetune":
         sys.exit(f"run {args.run} is not a finetune stage run; give the id of the run named 'finetune'")
     index = json.loads((download(run_outputs(run)["predictions_uri"]) / "index.json").read_text())
-    members = [a for a in index["arms"] if a == "transfer" or a.startswith("meta-")]
+    members = ensemble_members(index["arms"])
     if len(members) < 2:
         sys.exit(f"run {args.run} has pretrained arms {members}; the ensemble needs at least two")
     va = load_target(cfg).splits["val"]

@@ -31,6 +31,11 @@ def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np
     return df["label"].to_numpy(), df[[f"prob_{c}" for c in class_names]].to_numpy()
 
 
+def ensemble_members(arms: list[str]) -> list[str]:
+    """The arms the ensemble averages: the pretrained ones (transfer and every meta-*), not scratch."""
+    return [a for a in arms if a == "transfer" or a.startswith("meta-")]
+
+
 def add_ensemble(pred_dir: Path, name: str = "ensemble") -> int:
     """Add an arm `name` to `pred_dir`: per (k, seed), the mean class probabilities of every pretrained arm
     (`transfer` and `meta-*`; scratch is left out), when at least two of them are there. Its prediction files and
@@ -39,7 +44,7 @@ def add_ensemble(pred_dir: Path, name: str = "ensemble") -> int:
     number of ensemble rows written."""
     index = json.loads((pred_dir / "index.json").read_text())
     classes = index["class_names"]
-    members = [a for a in index["arms"] if a == "transfer" or a.startswith("meta-")]
+    members = ensemble_members(index["arms"])
     if len(members) < 2 or name in index["arms"]:
         return 0
     groups: dict[tuple[int, int], list[dict]] = {}
