@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
 from pipeline.tracking import download  # noqa: E402
 
@@ -36,12 +37,12 @@ def ensemble_members(arms: list[str]) -> list[str]:
     return [a for a in arms if a == "transfer" or a.startswith("meta-")]
 
 
-def add_ensemble(pred_dir: Path, name: str = "ensemble") -> int:
+def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "") -> int:
     """Add an arm `name` to `pred_dir`: per (k, seed), the mean class probabilities of every pretrained arm
     (`transfer` and `meta-*`; scratch is left out), when at least two of them are there. Its prediction files and
     index entries are written like the finetune stage's, so `compute_results` (and anyone re-reading the CSVs)
     treats it as one more arm. The ensemble is fixed in advance, nothing about it is chosen on test. Returns the
-    number of ensemble rows written."""
+    number of ensemble rows written. `source` (where `pred_dir` was copied from) is named in errors."""
     index = json.loads((pred_dir / "index.json").read_text())
     classes = index["class_names"]
     members = ensemble_members(index["arms"])
@@ -59,8 +60,9 @@ def add_ensemble(pred_dir: Path, name: str = "ensemble") -> int:
         first = frames[0]
         for r, f in zip(runs[1:], frames[1:]):  # members must predict the same images with the same labels
             if not (f["index"].equals(first["index"]) and f["label"].equals(first["label"])):
-                raise ValueError(f"{pred_dir / r['file']} and {pred_dir / runs[0]['file']} cover different test "
-                                 "images; rerun the finetune stage so every arm predicts the same test split")
+                raise DataError(f"{r['file']} and {runs[0]['file']} in {source or pred_dir} cover different test "
+                                "images; rerun the finetune stage so every arm predicts the same test split, or set "
+                                "evaluate.ensemble=false")
         cols = [f"prob_{c}" for c in classes]
         ens = first[["index", "label"]].copy()
         ens[cols] = np.mean([f[cols].to_numpy(float) for f in frames], axis=0)
@@ -226,7 +228,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     pred_dir = out / "predictions"
     shutil.copytree(src, pred_dir)
     if ev.ensemble:
-        add_ensemble(pred_dir)
+        add_ensemble(pred_dir, source=inputs["finetune"]["predictions_uri"])
     res = compute_results(pred_dir, ev.bootstrap, ev.ci, ev.reference_arm)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     text = write_report(res, cfg.to_dict(), out)

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.data import DataError
 from pipeline.metrics import classification_metrics
 from stages.evaluate import add_ensemble, compute_results
 
@@ -58,5 +59,5 @@ def test_members_predicting_different_images_are_refused(tmp_path):
     df = pd.read_csv(f)
     df.loc[0, "label"] = 1 - df.loc[0, "label"]
     df.to_csv(f, index=False)
-    with pytest.raises(ValueError, match="meta-reptile_k5_seed0.csv"):
+    with pytest.raises(DataError, match="meta-reptile_k5_seed0.csv"):
         add_ensemble(tmp_path)
