@@ -94,6 +94,7 @@ class FinetuneConfig:
     arms: list[str] = field(default_factory=lambda: ["scratch", "transfer", "meta"])
     shots: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
     seeds: int = 5
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (add seeds to an experiment without redoing any)
     val_per_class: int = 50  # labelled validation images per class for model selection (0 = whole split)
     image_size: int = 128  # side length for fine-tuning and test (0 = data.image_size): upsampled for ImageNet bodies
     epochs: int = 30
@@ -264,6 +265,8 @@ def validate(cfg: PipelineConfig) -> None:
     for key, val in positive.items():
         if val < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {val}")
+    if cfg.finetune.first_seed < 0:
+        raise ConfigError(f"config key 'finetune.first_seed' must be >= 0, got {cfg.finetune.first_seed}")
     if cfg.finetune.image_size < 0:
         raise ConfigError(f"config key 'finetune.image_size' must be >= 0 (0: data.image_size), got "
                           f"{cfg.finetune.image_size}")

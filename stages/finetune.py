@@ -215,7 +215,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                                 tags={"pipeline.stage": "finetune-run", "arm": arm, "k": str(k), "seed": str(s),
                                       "backbone": model_name, "dataset": target.name})
 
-    jobs = [(k, s, arm) for k in ft.shots for s in range(ft.seeds) for arm in arms]
+    jobs = [(k, s, arm) for k in ft.shots for s in range(ft.first_seed, ft.first_seed + ft.seeds)
+            for arm in arms]
     if world == 1:  # curves go to MLflow live, epoch by epoch
         for job in jobs:
             with child_run(*job):
@@ -233,7 +234,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     if rank != 0:
         return {}
     meta = {"class_names": target.class_names, "dataset": target.name, "source": target.source,
-            "arms": list(arms), "shots": ft.shots, "seeds": ft.seeds, "runs": index}
+            "arms": list(arms), "shots": ft.shots, "seeds": ft.seeds,
+            "first_seed": ft.first_seed, "runs": index}
     (out_dir / "index.json").write_text(json.dumps(meta, indent=1))
     mlflow.log_artifacts(str(out_dir), "predictions")  # the stage run holds the full set for evaluate
     mlflow.log_metric("finetune_seconds", time.time() - t_start)

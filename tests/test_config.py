@@ -41,6 +41,7 @@ def test_overrides_are_typed():
     ("finetune.label_smoothing=-0.1", "finetune.label_smoothing' must be in [0, 1"),
     ("finetune.pseudo_per_class=-1", "finetune.pseudo_per_class' must be >= 0"),
     ("finetune.pseudo_rounds=0", "finetune.pseudo_rounds' must be >= 1"),
+    ("finetune.first_seed=-1", "finetune.first_seed' must be >= 0"),
 ])
 def test_bad_overrides_are_clear_errors(override, msg):
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
