@@ -94,6 +94,12 @@ def job_subsets(train_labels: np.ndarray, val_labels: np.ndarray, k: int, n_val:
     return split_seed, tr_idx, va_idx
 
 
+def plan_jobs(ft: FinetuneConfig, arms: list[str]) -> list[tuple[int, int, str]]:
+    """Every (k, seed, arm) of the sweep, seeds first_seed .. first_seed + seeds - 1; a job's subsets and
+    initialisation depend only on the pipeline seed and its seed number, so runs of disjoint seed ranges add up."""
+    return [(k, s, arm) for k in ft.shots for s in range(ft.first_seed, ft.first_seed + ft.seeds) for arm in arms]
+
+
 def build_arm_model(ckpt: dict | None, model_name: str, n_classes: int, split_seed: int) -> torch.nn.Module:
     """An arm's initial model (ckpt None: random init) with a head seeded from the job's split seed; also seeds
     the global RNG for the job's dropout, so callers wrap it in `torch.random.fork_rng`."""
@@ -215,8 +221,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                                 tags={"pipeline.stage": "finetune-run", "arm": arm, "k": str(k), "seed": str(s),
                                       "backbone": model_name, "dataset": target.name})
 
-    jobs = [(k, s, arm) for k in ft.shots for s in range(ft.first_seed, ft.first_seed + ft.seeds)
-            for arm in arms]
+    jobs = plan_jobs(ft, list(arms))
     if world == 1:  # curves go to MLflow live, epoch by epoch
         for job in jobs:
             with child_run(*job):
