@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class MetaConfig:
 
 @dataclass
 class FinetuneConfig:
+    # scratch, transfer, meta; `<arm>.r<n>` (n >= 1) is replica n of an arm: the same initial weights and k-shot
+    # subsets, another seed for the head, augmentation, batch order and dropout (e.g. an ensemble control)
     arms: list[str] = field(default_factory=lambda: ["scratch", "transfer", "meta"])
     shots: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
     seeds: int = 5
@@ -132,6 +135,11 @@ class EvaluateConfig:
     reference_arm: str = "transfer"  # other arms are compared to this one, paired by (k, seed)
     from_run: str = ""  # explicit finetune run id
     ensemble: bool = True  # add an `ensemble` arm: mean probabilities of transfer and meta-* arms per (k, seed)
+    # further ensemble arms, each "name=arm+arm[+...]", e.g. "ensemble-2transfer=transfer+transfer.r1"
+    ensembles: list[str] = field(default_factory=list)
+    # further finetune runs whose predictions join the upstream run's (e.g. seeds 3-4 run after seeds 0-2); they must
+    # score the same test split and add only (arm, k, seed) combinations the others lack
+    merge_runs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -242,6 +250,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+ARM_KINDS = ("scratch", "transfer", "meta")
+ARM_RE = re.compile(r"^(scratch|transfer|meta)(?:\.r(\d+))?$")  # names that suit metric keys and file names
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_arm(spec: str) -> tuple[str, int]:
+    """'transfer' -> ('transfer', 0); 'transfer.r1' -> ('transfer', 1), replica 1 of the transfer arm."""
+    m = ARM_RE.match(spec)
+    kind, rep = (m.group(1), m.group(2)) if m else (spec, "")
+    if not m or (rep and int(rep) < 1):
+        raise ConfigError(f"config key 'finetune.arms': unknown arm {spec!r}; use scratch, transfer, meta, or "
+                          f"<arm>.r<n> with n >= 1 for a replica (another training seed), e.g. transfer.r1")
+    return kind, int(rep or 0)
+
+
+def parse_ensemble(spec: str) -> tuple[str, list[str]]:
+    """'ens2=transfer+transfer.r1' -> ('ens2', ['transfer', 'transfer.r1'])."""
+    name, eq, rest = spec.partition("=")
+    members = [m.strip() for m in rest.split("+") if m.strip()]
+    name = name.strip()
+    if not eq or not NAME_RE.match(name) or len(members) < 2 or len(set(members)) != len(members):
+        raise ConfigError(f"config key 'evaluate.ensembles': {spec!r} is not 'name=arm+arm[+...]' with a name of "
+                          f"letters, digits, '_', '.', '-' and at least two different arms, e.g. "
+                          f"'ensemble-2transfer=transfer+transfer.r1'")
+    return name, members
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Value checks that types alone cannot express."""
     choices = {
@@ -255,8 +290,14 @@ def validate(cfg: PipelineConfig) -> None:
         if val not in allowed:
             raise ConfigError(f"config key '{key}': {val!r} is not one of {sorted(allowed)}")
     for arm in cfg.finetune.arms:
-        if arm not in {"scratch", "transfer", "meta"}:
-            raise ConfigError(f"config key 'finetune.arms': unknown arm {arm!r}; use scratch, transfer, meta")
+        parse_arm(arm)
+    if len(set(cfg.finetune.arms)) != len(cfg.finetune.arms):
+        raise ConfigError(f"config key 'finetune.arms': {cfg.finetune.arms} names an arm twice; use <arm>.r<n> for a "
+                          f"second copy with another seed")
+    names = [parse_ensemble(e)[0] for e in cfg.evaluate.ensembles]
+    if len(set(names)) != len(names) or (cfg.evaluate.ensemble and "ensemble" in names):
+        raise ConfigError(f"config key 'evaluate.ensembles': names {names} repeat (or reuse 'ensemble' while "
+                          f"evaluate.ensemble is on); give each ensemble its own name")
     positive = {
         "data.image_size": cfg.data.image_size, "meta.ways": cfg.meta.ways, "meta.shots": cfg.meta.shots,
         "meta.queries": cfg.meta.queries, "meta.meta_batch": cfg.meta.meta_batch,

@@ -16,7 +16,7 @@ import mlflow
 import torch
 
 from . import distributed
-from .config import PipelineConfig
+from .config import PipelineConfig, parse_arm
 from .tracking import (code_version, find_finished_run, git_commit, log_config, main_client, run_outputs,
                        setup_tracking, tracked_run)
 
@@ -48,7 +48,7 @@ def upstream_of(stage: str, cfg: PipelineConfig) -> list[str]:
     if stage == "meta":
         return ["backbone"]
     if stage == "finetune":
-        return ["backbone", "meta"] if "meta" in cfg.finetune.arms else ["backbone"]
+        return ["backbone", "meta"] if any(parse_arm(a)[0] == "meta" for a in cfg.finetune.arms) else ["backbone"]
     if stage == "evaluate":
         return ["finetune"]
     return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -21,10 +22,10 @@ from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
-from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.config import PipelineConfig, parse_ensemble  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
-from pipeline.tracking import download  # noqa: E402
+from pipeline.tracking import download, main_client, run_outputs  # noqa: E402
 
 
 def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -32,30 +33,47 @@ def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np
     return df["label"].to_numpy(), df[[f"prob_{c}" for c in class_names]].to_numpy()
 
 
+REPLICA_RE = re.compile(r"\.r\d+$")
+
+
 def ensemble_members(arms: list[str]) -> list[str]:
-    """The arms the ensemble averages: the pretrained ones (transfer and every meta-*), not scratch."""
-    return [a for a in arms if a == "transfer" or a.startswith("meta-")]
+    """The arms the default ensemble averages: the pretrained ones (transfer and every meta-*), not scratch and not
+    replicas (`<arm>.r<n>`, which `evaluate.ensembles` can name)."""
+    return [a for a in arms if not REPLICA_RE.search(a) and (a == "transfer" or a.startswith("meta-"))]
 
 
-def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "") -> int:
-    """Add an arm `name` to `pred_dir`: per (k, seed), the mean class probabilities of every pretrained arm
-    (`transfer` and `meta-*`; scratch is left out), when at least two of them are there. Its prediction files and
-    index entries are written like the finetune stage's, so `compute_results` (and anyone re-reading the CSVs)
-    treats it as one more arm. The ensemble is fixed in advance, nothing about it is chosen on test. Returns the
-    number of ensemble rows written. `source` (where `pred_dir` was copied from) is named in errors."""
+def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "", members: list[str] | None = None) -> int:
+    """Add an arm `name` to `pred_dir`: per (k, seed), the mean class probabilities of `members` (default: every
+    pretrained arm, `transfer` and `meta-*`; scratch is left out), when at least two of them are there. Its
+    prediction files and index entries are written like the finetune stage's, so `compute_results` (and anyone
+    re-reading the CSVs) treats it as one more arm. The ensemble is fixed in advance, nothing about it is chosen on
+    test. Returns the number of ensemble rows written. `source` (where `pred_dir` was copied from) is named in
+    errors; named `members` must all be arms of `pred_dir`."""
     index = json.loads((pred_dir / "index.json").read_text())
     classes = index["class_names"]
-    members = ensemble_members(index["arms"])
-    if len(members) < 2 or name in index["arms"]:
+    if name in index["arms"]:
+        if members is None:
+            return 0
+        raise DataError(f"evaluate.ensembles: {name!r} is already an arm of {source or pred_dir}; pick another name")
+    if members is None:
+        members = ensemble_members(index["arms"])
+    else:
+        missing = [m for m in members if m not in index["arms"]]
+        if missing:
+            raise DataError(f"evaluate.ensembles: {name!r} names {missing}, not arms of {source or pred_dir} (arms: "
+                            f"{index['arms']}); fix the names or add the finetune run that has them to "
+                            f"evaluate.merge_runs")
+    if len(members) < 2:
         return 0
-    groups: dict[tuple[int, int], list[dict]] = {}
+    groups: dict[tuple[int, int], dict[str, dict]] = {}
     for r in index["runs"]:
         if r["arm"] in members:
-            groups.setdefault((r["k"], r["seed"]), []).append(r)
+            groups.setdefault((r["k"], r["seed"]), {})[r["arm"]] = r
     n = 0
-    for (k, seed), runs in sorted(groups.items()):
-        if len(runs) != len(members):
+    for (k, seed), by_arm in sorted(groups.items()):
+        if len(by_arm) != len(members):
             continue
+        runs = [by_arm[m] for m in members]
         frames = [pd.read_csv(pred_dir / r["file"]) for r in runs]
         first = frames[0]
         for r, f in zip(runs[1:], frames[1:]):  # members must predict the same images with the same labels
@@ -75,6 +93,37 @@ def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "") -> in
         index["arms"].append(name)
         (pred_dir / "index.json").write_text(json.dumps(index, indent=1))
     return n
+
+
+def merge_predictions(pred_dir: Path, other: Path, source: str) -> int:
+    """Add the prediction files and index entries of another finetune run (`other`, downloaded from `source`) to
+    `pred_dir`: same classes, data set and test labels, and only (arm, k, seed) combinations `pred_dir` lacks, so
+    seed ranges or arms run separately are scored together. Returns the number of runs added."""
+    index = json.loads((pred_dir / "index.json").read_text())
+    extra = json.loads((other / "index.json").read_text())
+    for key in ("class_names", "dataset", "source"):
+        if extra.get(key) != index.get(key):
+            raise DataError(f"evaluate.merge_runs: {source} has {key} {extra.get(key)!r}, the finetune run has "
+                            f"{index.get(key)!r}; merge only runs of the same target data")
+    have = {(r["arm"], r["k"], r["seed"]) for r in index["runs"]}
+    dup = sorted({(r["arm"], r["k"], r["seed"]) for r in extra["runs"]} & have)
+    if dup:
+        raise DataError(f"evaluate.merge_runs: {source} repeats (arm, k, seed) {dup[:5]} of the finetune run; merge "
+                        f"runs of other seeds (finetune.first_seed) or other arms only")
+    labels = pd.read_csv(pred_dir / index["runs"][0]["file"])["label"] if index["runs"] else None
+    for r in extra["runs"]:
+        df = pd.read_csv(other / r["file"])
+        if labels is not None and not df["label"].equals(labels):
+            raise DataError(f"evaluate.merge_runs: {r['file']} of {source} scores other test images than the finetune "
+                            f"run; merge only runs of the same target split")
+        shutil.copy(other / r["file"], pred_dir / r["file"])
+        index["runs"].append(r)
+    index["arms"] += [a for a in extra["arms"] if a not in index["arms"]]
+    seeds = sorted({r["seed"] for r in index["runs"]})
+    index |= {"shots": sorted({r["k"] for r in index["runs"]}), "seeds": len(seeds), "first_seed": seeds[0]}
+    index["merged_from"] = index.get("merged_from", []) + [source]
+    (pred_dir / "index.json").write_text(json.dumps(index, indent=1))
+    return len(extra["runs"])
 
 
 def compute_results(pred_dir: Path, ev_bootstrap: int = 1000, ci: float = 0.95, reference: str = "transfer"
@@ -221,14 +270,31 @@ def summary_metrics(res: dict) -> dict[str, float]:
     return out
 
 
+def finetune_predictions_uri(run_id: str) -> str:
+    """The predictions URI a finished finetune run handed downstream; a clear error for anything else."""
+    try:
+        run = main_client().get_run(run_id)
+    except Exception as e:
+        raise DataError(f"evaluate.merge_runs: run {run_id} not found in the store ({e}); name a finetune run "
+                        "id") from e
+    if run.info.status != "FINISHED" or run.data.tags.get("pipeline.stage") != "finetune":
+        raise DataError(f"evaluate.merge_runs: run {run_id} is not a finished finetune stage run")
+    return run_outputs(run)["predictions_uri"]
+
+
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     ev = cfg.evaluate
     src = download(inputs["finetune"]["predictions_uri"])
     out = Path(tempfile.mkdtemp(prefix="evaluate-"))
     pred_dir = out / "predictions"
     shutil.copytree(src, pred_dir)
+    for rid in ev.merge_runs:
+        merge_predictions(pred_dir, download(finetune_predictions_uri(rid)), source=f"finetune run {rid}")
     if ev.ensemble:
         add_ensemble(pred_dir, source=inputs["finetune"]["predictions_uri"])
+    for spec in ev.ensembles:
+        name, members = parse_ensemble(spec)
+        add_ensemble(pred_dir, name, source=inputs["finetune"]["predictions_uri"], members=members)
     res = compute_results(pred_dir, ev.bootstrap, ev.ci, ev.reference_arm)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     text = write_report(res, cfg.to_dict(), out)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.backbone import build_from_checkpoint, create_backbone, head_prefix, load_checkpoint, resolve_data_info
-from pipeline.config import FinetuneConfig, PipelineConfig
+from pipeline.config import FinetuneConfig, PipelineConfig, parse_arm
 from pipeline.data import DataError, ImageDataset, load_target, sample_kshot
 from pipeline.device import configure, device_name, resolve_device, use_channels_last
 from pipeline.metrics import classification_metrics
@@ -59,23 +59,38 @@ def register_best(index: list[dict], registry: str) -> dict[str, str]:
     return out
 
 
-def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, dict | None], dict]:
-    """Arm name -> checkpoint (None: random init of the backbone's architecture)."""
+def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, dict | None], dict[str, int], dict]:
+    """Arm name -> checkpoint (None: random init of the backbone's architecture), arm name -> replica number (0
+    but for `<arm>.r<n>`), and the backbone checkpoint."""
     backbone = load_checkpoint(download(inputs["backbone"]["checkpoint_uri"]))
+    meta = None
     arms: dict[str, dict | None] = {}
-    for arm in cfg.finetune.arms:
-        if arm == "scratch":
-            arms["scratch"] = None
-        elif arm == "transfer":
-            arms["transfer"] = backbone
-        elif arm == "meta":
-            arms[f"meta-{inputs['meta'].get('algorithm', 'meta')}"] = load_checkpoint(
-                download(inputs["meta"]["checkpoint_uri"]))
+    replicas: dict[str, int] = {}
+    for spec in cfg.finetune.arms:
+        kind, rep = parse_arm(spec)
+        suffix = f".r{rep}" if rep else ""
+        if kind == "scratch":
+            name, ckpt = "scratch", None
+        elif kind == "transfer":
+            name, ckpt = "transfer", backbone
+        else:
+            meta = meta or load_checkpoint(download(inputs["meta"]["checkpoint_uri"]))
+            name, ckpt = f"meta-{inputs['meta'].get('algorithm', 'meta')}", meta
+        arms[name + suffix], replicas[name + suffix] = ckpt, rep
     for rid in cfg.finetune.meta_from_runs:
         run = mlflow.get_run(rid)
-        arms[f"meta-{run.data.tags.get('algorithm', rid[:8])}-{rid[:6]}"] = load_checkpoint(
-            download(f"{run.info.artifact_uri}/checkpoint/model.pt"))
-    return arms, backbone
+        name = f"meta-{run.data.tags.get('algorithm', rid[:8])}-{rid[:6]}"
+        arms[name], replicas[name] = load_checkpoint(download(f"{run.info.artifact_uri}/checkpoint/model.pt")), 0
+    return arms, replicas, backbone
+
+
+def job_seed(split_seed: int, replica: int) -> int:
+    """The seed of a job's training randomness (head init, augmentation, batch order, dropout): the split seed for
+    an arm itself (so earlier runs reproduce), a seed drawn from (split seed, r) for its replica r. The k-shot
+    subsets always come from the split seed, so replicas stay paired with every other arm."""
+    if replica == 0:
+        return split_seed
+    return int(np.random.SeedSequence([split_seed, replica]).generate_state(1)[0] % 2**31)
 
 
 def selection_size(val_per_class: int, val_labels: np.ndarray) -> int:
@@ -126,7 +141,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     mlflow.set_tags({"device": device_name(dev), "channels_last": str(channels_last), "compile": str(cfg.compile)})
     target = load_target(cfg)
     C = len(target.class_names)
-    arms, backbone = load_arms(cfg, inputs)
+    arms, replicas, backbone = load_arms(cfg, inputs)
     model_name = backbone["model_name"]
     dinfo = resolve_data_info(build_from_checkpoint(backbone, C))
     size = ft.image_size or cfg.data.image_size
@@ -156,13 +171,14 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         """One (arm, k, seed) fine-tune and its one test pass; no tracking calls, so any rank can run it."""
         t0 = time.time()
         split_seed, tr_idx, va_idx = subsets(k, s)
+        rs = job_seed(split_seed, replicas[arm])
         devs = [dev] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devs):  # dropout draws from a per-job seed: jobs are independent
-            model = build_arm_model(arms[arm], model_name, C, split_seed)
-            train_t = build_job_transform(ft, size, dinfo, split_seed)
+            model = build_arm_model(arms[arm], model_name, C, rs)
+            train_t = build_job_transform(ft, size, dinfo, rs)
             train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
             x_sel, y_sel = x_val_all[torch.from_numpy(va_idx)], va.labels[va_idx]
-            res = fit(model, train_ds, x_sel, y_sel, ft, dev, seed=split_seed, head=head_prefix(model), n_classes=C,
+            res = fit(model, train_ds, x_sel, y_sel, ft, dev, seed=rs, head=head_prefix(model), n_classes=C,
                       on_epoch=on_epoch, num_workers=cfg.num_workers, channels_last=channels_last,
                       compile=cfg.compile)
             extra, history, first, seen = {}, res.history, 0, res.images_seen
@@ -171,8 +187,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                 extra["teacher_val_auc" if rnd == 0 else f"round{rnd}_val_auc"] = res.best_val_auc
                 first = len(history)  # the student's curves continue the teacher's steps
                 model, res, diag = self_train(
-                    model, lambda: build_arm_model(arms[arm], model_name, C, split_seed), ft, tr, tr_idx, eval_t,
-                    train_t, x_sel, y_sel, dev, seed=split_seed + rnd, n_classes=C, channels_last=channels_last,
+                    model, lambda: build_arm_model(arms[arm], model_name, C, rs), ft, tr, tr_idx, eval_t,
+                    train_t, x_sel, y_sel, dev, seed=rs + rnd, n_classes=C, channels_last=channels_last,
                     num_workers=cfg.num_workers, compile=cfg.compile,
                     on_epoch=(lambda e, r, first=first: on_epoch(first + e, r)) if on_epoch else None)
                 extra |= diag
@@ -189,7 +205,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         if not live:
             for e, rec in enumerate(res["history"]):
                 mlflow.log_metrics(rec, step=e + 1)
-        mlflow.log_params({"arm": arm, "k": k, "seed": s, "n_train": res["n_train"], "n_val": res["n_val"],
+        mlflow.log_params({"arm": arm, "k": k, "seed": s, "replica": replicas[arm], "n_train": res["n_train"],
+                           "n_val": res["n_val"],
                            "epochs": ft.epochs, "lr_body": ft.lr_body, "lr_head": ft.lr_head,
                            "warmup_epochs": ft.warmup_epochs, "image_size": size, "hflip": ft.hflip,
                            "tta": ft.tta, "label_smoothing": ft.label_smoothing,

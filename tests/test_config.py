@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, PipelineConfig, load_config, parse_override
+from pipeline.config import ConfigError, PipelineConfig, load_config, parse_arm, parse_ensemble, parse_override
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,12 @@ def test_overrides_are_typed():
     ("finetune.pseudo_per_class=-1", "finetune.pseudo_per_class' must be >= 0"),
     ("finetune.pseudo_rounds=0", "finetune.pseudo_rounds' must be >= 1"),
     ("finetune.first_seed=-1", "finetune.first_seed' must be >= 0"),
+    ("finetune.arms=[transfer.r0]", "unknown arm 'transfer.r0'"),
+    ("finetune.arms=[transfer.rx]", "unknown arm 'transfer.rx'"),
+    ("finetune.arms=[transfer,transfer]", "names an arm twice"),
+    ("evaluate.ensembles=[pair=transfer]", "at least two different arms"),
+    ("evaluate.ensembles=[transfer+meta-reptile]", "is not 'name=arm"),
+    ("evaluate.ensembles=[ensemble=transfer+meta-reptile]", "repeat"),
 ])
 def test_bad_overrides_are_clear_errors(override, msg):
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
@@ -60,3 +66,10 @@ def test_unknown_key_in_yaml(tmp_path):
 def test_parse_override_nesting_and_hash_changes():
     assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
     assert PipelineConfig().hash() != load_config(None, ["seed=1"]).hash()
+
+
+def test_replica_arms_and_named_ensembles_parse():
+    cfg = load_config(None, ["finetune.arms=[transfer,transfer.r1,meta.r2]",
+                             "evaluate.ensembles=[ensemble-2transfer=transfer+transfer.r1]"])
+    assert [parse_arm(a) for a in cfg.finetune.arms] == [("transfer", 0), ("transfer", 1), ("meta", 2)]
+    assert parse_ensemble(cfg.evaluate.ensembles[0]) == ("ensemble-2transfer", ["transfer", "transfer.r1"])

@@ -1,4 +1,5 @@
-"""The evaluate stage's ensemble arm on synthetic prediction files (the real-data path is in test_pipeline)."""
+"""The evaluate stage's ensemble arms and merging of finetune runs on synthetic prediction files (the real-data path
+is in test_pipeline)."""
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from pipeline.data import DataError
 from pipeline.metrics import classification_metrics
-from stages.evaluate import add_ensemble, compute_results
+from stages.evaluate import add_ensemble, compute_results, merge_predictions
 
 
 def write_preds(d, arms, ks=(5, 20), seeds=(0, 1), n=40, skip=()):
@@ -61,3 +62,44 @@ def test_members_predicting_different_images_are_refused(tmp_path):
     df.to_csv(f, index=False)
     with pytest.raises(DataError, match="meta-reptile_k5_seed0.csv"):
         add_ensemble(tmp_path)
+
+
+def test_named_ensembles_and_replicas(tmp_path):
+    write_preds(tmp_path, ["transfer", "meta-reptile", "transfer.r1"])
+    assert add_ensemble(tmp_path) == 4  # the default ensemble leaves the replica out ...
+    ens = pd.read_csv(tmp_path / "ensemble_k5_seed0.csv")
+    t, m, t1 = (pd.read_csv(tmp_path / f"{a}_k5_seed0.csv") for a in ("transfer", "meta-reptile", "transfer.r1"))
+    np.testing.assert_allclose(ens.prob_1, (t.prob_1 + m.prob_1) / 2)
+    assert add_ensemble(tmp_path, "two-transfer", members=["transfer", "transfer.r1"]) == 4  # ... a named one has it
+    two = pd.read_csv(tmp_path / "two-transfer_k5_seed0.csv")
+    np.testing.assert_allclose(two.prob_1, (t.prob_1 + t1.prob_1) / 2)
+    res = compute_results(tmp_path, ev_bootstrap=0, reference="two-transfer")  # ensemble against the control
+    assert {c["arm"] for c in res["comparisons"]} == {"transfer", "meta-reptile", "transfer.r1", "ensemble"}
+    with pytest.raises(DataError, match="already an arm"):
+        add_ensemble(tmp_path, "transfer", members=["transfer", "meta-reptile"])
+    with pytest.raises(DataError, match=r"names \['meta-maml'\]"):
+        add_ensemble(tmp_path, "x", members=["transfer", "meta-maml"])
+
+
+def test_merging_a_later_seed_range_scores_all_seeds_together(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    write_preds(a, ["transfer", "meta-reptile"], seeds=(0, 1, 2))
+    write_preds(b, ["transfer", "meta-reptile"], seeds=(3, 4))
+    write_preds(c, ["transfer"], seeds=(2,))
+    assert merge_predictions(a, b, "run b") == 8
+    index = json.loads((a / "index.json").read_text())
+    assert index["seeds"] == 5 and index["merged_from"] == ["run b"] and index["shots"] == [5, 20]
+    assert add_ensemble(a) == 10
+    res = compute_results(a, ev_bootstrap=0)
+    agg = next(x for x in res["aggregates"] if x["arm"] == "ensemble" and x["k"] == 20)
+    assert agg["n_seeds"] == 5
+    assert next(x for x in res["comparisons"] if x["arm"] == "ensemble" and x["k"] == "all")["n"] == 10
+    with pytest.raises(DataError, match=r"repeats \(arm, k, seed\) \[\('transfer', 5, 2\)"):
+        merge_predictions(a, c, "run c")
+    d = tmp_path / "d"
+    d.mkdir()
+    write_preds(d, ["transfer"], seeds=(7,), n=41)
+    with pytest.raises(DataError, match="other test images"):
+        merge_predictions(a, d, "run d")

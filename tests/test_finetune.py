@@ -1,8 +1,10 @@
-"""The finetune stage's sweep plan: seed ranges (finetune.first_seed) and the per-seed subsets they rely on."""
+"""The finetune stage's sweep plan: seed ranges (finetune.first_seed), the per-seed subsets they rely on, and
+replica arms (`<arm>.r<n>`): the same subsets, another training seed."""
 import numpy as np
+import torch
 
 from pipeline.config import FinetuneConfig
-from stages.finetune import job_subsets, plan_jobs
+from stages.finetune import build_arm_model, build_job_transform, job_seed, job_subsets, plan_jobs
 
 
 def test_a_later_seed_range_plans_exactly_the_missing_jobs():
@@ -23,3 +25,19 @@ def test_subsets_depend_only_on_the_seed_number():
     assert a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
     assert a[0] != c[0] and not np.array_equal(a[1], c[1])
     assert len(a[1]) == 40 and set(np.bincount(tr[a[1]])) == {20}
+
+
+def test_a_replica_trains_with_another_seed_on_the_same_subsets():
+    assert job_seed(3, 0) == 3  # the arm itself keeps the split seed: earlier runs reproduce
+    seeds = {job_seed(s, r) for s in (0, 1, 1000) for r in (1, 2)}
+    assert len(seeds) == 6 and not seeds & {0, 1, 1000}
+    assert job_seed(1, 1) == job_seed(1, 1)
+    a, b = (build_arm_model(None, "tf_efficientnet_lite0", 2, job_seed(5, r)) for r in (0, 1))
+    again = build_arm_model(None, "tf_efficientnet_lite0", 2, job_seed(5, 1))
+    wa, wb, wc = (m.get_classifier().weight for m in (a, b, again))
+    assert not torch.equal(wa, wb) and torch.equal(wb, wc)  # another initialisation, reproducible
+    img = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    dinfo = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    ft = FinetuneConfig()
+    ta, tb = (build_job_transform(ft, 32, dinfo, job_seed(5, r)) for r in (0, 1))
+    assert not torch.equal(ta(img), tb(img))  # other augmentation draws

@@ -99,6 +99,37 @@ def test_evaluate_artifacts_and_metrics_recompute_from_predictions(smoke):
     assert "| transfer | 20 |" in (d / "report.md").read_text()
 
 
+def test_replica_arm_merged_run_and_named_ensemble(smoke):
+    """A second transfer arm (`transfer.r1`) run on its own, scored together with the smoke run's arms
+    (evaluate.merge_runs) and averaged with transfer in a named ensemble (evaluate.ensembles)."""
+    rs = runs(smoke["uri"], "fewshot-medmeta-smoke")
+    ft_id, bb_id = (next(r.info.run_id for r in rs if r.data.tags.get("pipeline.stage") == st)
+                    for st in ("finetune", "backbone"))
+    exp = "fewshot-medmeta-smoke-replica"
+    base = ["run", "--config", SMOKE, "--set", f"data.root={smoke['root']}", "--set", f"experiment={exp}",
+            "--set", "finetune.arms=[transfer.r1]", "--set", "finetune.shots=[5]",
+            "--set", "finetune.log_models=false", "--set", f"finetune.backbone_run={bb_id}"]
+    bad = cli(base + ["--stage", "finetune,evaluate", "--set", f"evaluate.merge_runs=[{ft_id[:12]}]"],
+              smoke["dir"], smoke["uri"], check=False)
+    assert bad.returncode == 2 and "evaluate.merge_runs" in bad.stderr, bad.stderr[-2000:]
+    assert not [r for r in runs(smoke["uri"], exp) if r.info.status == "RUNNING"]
+    cli(base + ["--stage", "evaluate", "--set", f"evaluate.merge_runs=[{ft_id}]",
+                "--set", "evaluate.ensembles=[two-transfer=transfer+transfer.r1]"], smoke["dir"], smoke["uri"])
+    ev = next(r for r in runs(smoke["uri"], exp) if r.data.tags.get("pipeline.stage") == "evaluate"
+              and r.info.status == "FINISHED")
+    mlflow.set_tracking_uri(smoke["uri"])
+    d = Path(mlflow.artifacts.download_artifacts(run_id=ev.info.run_id, dst_path=str(smoke["dir"] / "ev-replica")))
+    res = json.loads((d / "results.json").read_text())
+    assert res["arms"] == ["transfer.r1", "scratch", "transfer", "meta-reptile", "ensemble", "two-transfer"]
+    p = {a: pd.read_csv(d / "predictions" / f"{a}_k5_seed1.csv") for a in ("transfer", "transfer.r1", "two-transfer")}
+    assert not np.allclose(p["transfer"].prob_1, p["transfer.r1"].prob_1)  # another seed, another model
+    np.testing.assert_allclose(p["two-transfer"].prob_1, (p["transfer"].prob_1 + p["transfer.r1"].prob_1) / 2,
+                               rtol=1e-6)
+    ks = {(r["arm"], r["k"]) for r in res["rows"]}
+    assert ("two-transfer", 5) in ks and ("two-transfer", 20) not in ks  # no replica at k=20
+    assert ("transfer", 20) in ks and ("ensemble", 20) in ks  # the merged run's arms are all scored
+
+
 def test_rerun_reuses_finished_stages(smoke):
     p = cli(["run", "--stage", "all", "--config", SMOKE, "--set", f"data.root={smoke['root']}"],
             smoke["dir"], smoke["uri"])
