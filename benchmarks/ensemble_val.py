@@ -6,7 +6,8 @@ script reloads every logged model of a finetune run, predicts the target's whole
 preprocessing stored beside the model (flip TTA included if the model was scored with it), and compares the
 ensemble with each member arm, paired by (k, seed). The test split is not read.
 
-    python benchmarks/ensemble_val.py --run <finetune run id> [--config configs/default.yaml] [--set key=value]
+    python benchmarks/ensemble_val.py --run <finetune run id> [--run <another>] [--members a,b [--members c,d]]
+        [--config configs/default.yaml] [--set key=value]
 
 The config only has to describe the same target data set as the finetune run (`data.*`). Prints one JSON line per
 (k, seed) and a summary per k and pooled: mean validation AUC per arm and the paired ensemble-minus-arm difference.
@@ -32,48 +33,64 @@ from pipeline.transforms import build_transform  # noqa: E402
 from stages.evaluate import ensemble_members  # noqa: E402
 
 
-def summarise(rows: list[dict], members: list[str]) -> str:
-    """Mean validation AUC per arm and the paired ensemble-minus-member differences, per k and pooled."""
+def summarise(rows: list[dict], ensembles: dict[str, list[str]]) -> str:
+    """Mean validation AUC per arm and ensemble, the paired ensemble-minus-member differences and, for two or more
+    ensembles, the paired difference of each later ensemble from the first; per k and pooled."""
+    members = list(dict.fromkeys(a for m in ensembles.values() for a in m))
     lines = []
     for k in sorted({r["k"] for r in rows}) + ["all"]:
         g = [r for r in rows if k == "all" or r["k"] == k]
         if k == "all" and len({r["k"] for r in rows}) == 1:
             break
-        means = {a: mean_ci(np.array([r[a] for r in g])) for a in [*members, "ensemble"]}
+        means = {a: mean_ci(np.array([r[a] for r in g])) for a in [*members, *ensembles]}
         head = ", ".join(f"{a} {m:.4f} [{lo:.4f}, {hi:.4f}]" for a, (m, lo, hi) in means.items())
         lines.append(f"k={k} (n={len(g)}) val AUC: {head}")
-        for a in members:
-            c = paired_comparison(np.array([r["ensemble"] for r in g]), np.array([r[a] for r in g]))
-            up = sum(r["ensemble"] > r[a] for r in g)
-            lines.append(f"  PAIRED val AUC ensemble-{a}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
+        pairs = [(e, a) for e, m in ensembles.items() for a in m]
+        pairs += [(e, next(iter(ensembles))) for e in list(ensembles)[1:]]
+        for e, a in pairs:
+            c = paired_comparison(np.array([r[e] for r in g]), np.array([r[a] for r in g]))
+            up = sum(r[e] > r[a] for r in g)
+            lines.append(f"  PAIRED val AUC {e}-{a}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
                          f"{c['ci_high']:+.4f}], Wilcoxon p={c['wilcoxon_p']:.3g}, {up} of {len(g)} up")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="finetune stage run id (its predictions/index.json lists models)")
+    ap.add_argument("--run", required=True, action="append",
+                    help="finetune stage run id (its predictions/index.json lists models); repeat to pool runs of "
+                         "other seeds or arms")
+    ap.add_argument("--members", action="append", default=[],
+                    help="arms of one ensemble, comma-separated (e.g. transfer,transfer.r1); repeat for several "
+                         "ensembles, the first is the reference; default: transfer and every meta-* arm")
     ap.add_argument("--config", default=None)
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
     setup_tracking(cfg.experiment)
-    run = main_client().get_run(args.run)
-    if run.data.tags.get("pipeline.stage") != "finetune":
-        sys.exit(f"run {args.run} is not a finetune stage run; give the id of the run named 'finetune'")
-    index = json.loads((download(run_outputs(run)["predictions_uri"]) / "index.json").read_text())
-    members = ensemble_members(index["arms"])
-    if len(members) < 2:
-        sys.exit(f"run {args.run} has pretrained arms {members}; the ensemble needs at least two")
+    runs = []
+    for rid in args.run:
+        run = main_client().get_run(rid)
+        if run.data.tags.get("pipeline.stage") != "finetune":
+            sys.exit(f"run {rid} is not a finetune stage run; give the id of the run named 'finetune'")
+        index = json.loads((download(run_outputs(run)["predictions_uri"]) / "index.json").read_text())
+        runs += [r | {"finetune_run": rid} for r in index["runs"]]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    groups = [m.split(",") for m in args.members] or [ensemble_members(arms)]
+    ensembles = {"ensemble" if not args.members else "ens(" + "+".join(m) + ")": m for m in groups}
+    for name, m in ensembles.items():
+        if len(m) < 2 or set(m) - set(arms):
+            sys.exit(f"{name}: members {m} must be at least two of the runs' arms {arms}")
+    members = list(dict.fromkeys(a for m in ensembles.values() for a in m))
     va = load_target(cfg).splits["val"]
     torch.manual_seed(0)
     inputs: dict[tuple, torch.Tensor] = {}  # one stacked val tensor per preprocessing spec
     probs: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-    for r in index["runs"]:
+    for r in runs:
         if r["arm"] not in members:
             continue
         if not r.get("model_uri"):
-            sys.exit(f"run {args.run} logged no models (finetune.log_models was false); rerun with it on")
+            sys.exit(f"run {r['finetune_run']} logged no models (finetune.log_models was false); rerun with it on")
         model, spec = load_model(r["model_uri"])
         key = (spec["image_size"], tuple(spec["mean"]), tuple(spec["std"]))
         if key not in inputs:
@@ -86,10 +103,12 @@ def main() -> None:
         if set(p) != set(members):
             continue
         row = {"k": k, "seed": seed, **{a: round(classification_metrics(va.labels, p[a])["auc"], 4) for a in members}}
-        row["ensemble"] = round(classification_metrics(va.labels, np.mean([p[a] for a in members], 0))["auc"], 4)
+        for name, m in ensembles.items():
+            row[name] = round(classification_metrics(va.labels, np.mean([p[a] for a in m], 0))["auc"], 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(summarise(rows, members), f"(finetune run {args.run}, {len(va.labels)} validation images)", flush=True)
+    print(summarise(rows, ensembles), f"(finetune runs {', '.join(args.run)}, {len(va.labels)} validation images)",
+          flush=True)
 
 
 if __name__ == "__main__":
