@@ -250,9 +250,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-ARM_KINDS = ("scratch", "transfer", "meta")
 ARM_RE = re.compile(r"^(scratch|transfer|meta)(?:\.r(\d+))?$")  # names that suit metric keys and file names
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def replica_name(arm: str, replica: int) -> str:
+    """The name of replica `replica` of an arm ('transfer', 1 -> 'transfer.r1'); replica 0 is the arm itself."""
+    return f"{arm}.r{replica}" if replica else arm
+
+
+def is_replica(arm: str) -> bool:
+    """Whether an arm name (e.g. 'meta-reptile.r2') is a replica."""
+    return re.search(r"\.r\d+$", arm) is not None
 
 
 def parse_arm(spec: str) -> tuple[str, int]:

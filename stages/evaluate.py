@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -22,7 +21,7 @@ from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
-from pipeline.config import PipelineConfig, parse_ensemble  # noqa: E402
+from pipeline.config import PipelineConfig, is_replica, parse_ensemble  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
 from pipeline.tracking import download, main_client, run_outputs  # noqa: E402
@@ -33,13 +32,10 @@ def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np
     return df["label"].to_numpy(), df[[f"prob_{c}" for c in class_names]].to_numpy()
 
 
-REPLICA_RE = re.compile(r"\.r\d+$")
-
-
 def ensemble_members(arms: list[str]) -> list[str]:
     """The arms the default ensemble averages: the pretrained ones (transfer and every meta-*), not scratch and not
     replicas (`<arm>.r<n>`, which `evaluate.ensembles` can name)."""
-    return [a for a in arms if not REPLICA_RE.search(a) and (a == "transfer" or a.startswith("meta-"))]
+    return [a for a in arms if not is_replica(a) and (a == "transfer" or a.startswith("meta-"))]
 
 
 def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "", members: list[str] | None = None) -> int:

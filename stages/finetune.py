@@ -15,7 +15,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.backbone import build_from_checkpoint, create_backbone, head_prefix, load_checkpoint, resolve_data_info
-from pipeline.config import FinetuneConfig, PipelineConfig, parse_arm
+from pipeline.config import FinetuneConfig, PipelineConfig, parse_arm, replica_name
 from pipeline.data import DataError, ImageDataset, load_target, sample_kshot
 from pipeline.device import configure, device_name, resolve_device, use_channels_last
 from pipeline.metrics import classification_metrics
@@ -68,7 +68,6 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, dict | None]
     replicas: dict[str, int] = {}
     for spec in cfg.finetune.arms:
         kind, rep = parse_arm(spec)
-        suffix = f".r{rep}" if rep else ""
         if kind == "scratch":
             name, ckpt = "scratch", None
         elif kind == "transfer":
@@ -76,7 +75,8 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, dict | None]
         else:
             meta = meta or load_checkpoint(download(inputs["meta"]["checkpoint_uri"]))
             name, ckpt = f"meta-{inputs['meta'].get('algorithm', 'meta')}", meta
-        arms[name + suffix], replicas[name + suffix] = ckpt, rep
+        name = replica_name(name, rep)
+        arms[name], replicas[name] = ckpt, rep
     for rid in cfg.finetune.meta_from_runs:
         run = mlflow.get_run(rid)
         name = f"meta-{run.data.tags.get('algorithm', rid[:8])}-{rid[:6]}"
