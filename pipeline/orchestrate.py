@@ -67,6 +67,18 @@ def stage_key(stage: str, cfg: PipelineConfig, upstream_ids: dict[str, str], cod
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def load_stage_run(rid: str, stage: str, named_by: str) -> dict[str, str]:
+    """Outputs of run `rid`, which must be a finished `stage` run; `named_by` (who asked for it) leads errors."""
+    try:
+        run = main_client().get_run(rid)
+    except Exception as e:
+        raise PipelineError(f"{named_by}: {stage} run {rid} not found in the store ({e}); name a finished {stage} "
+                            f"run id") from e
+    if run.info.status != "FINISHED" or run.data.tags.get("pipeline.stage") != stage:
+        raise PipelineError(f"{named_by}: run {rid} is not a finished '{stage}' run")
+    return run_outputs(run)
+
+
 class Runner:
     def __init__(self, cfg: PipelineConfig, force: bool = False, resume: bool = True):
         self.cfg, self.force, self.resume = cfg, force, resume
@@ -91,15 +103,7 @@ class Runner:
 
     def resolve(self, stage: str, up: str) -> dict[str, str]:
         rid = explicit_upstream(stage, up, self.cfg)
-        if rid:
-            try:
-                run = main_client().get_run(rid)
-            except Exception as e:
-                raise PipelineError(f"{stage}: upstream {up} run {rid} not found in the store ({e})") from e
-            if run.info.status != "FINISHED" or run.data.tags.get("pipeline.stage") != up:
-                raise PipelineError(f"{stage}: run {rid} is not a finished '{up}' run")
-            return run_outputs(run)
-        return self.find(up)
+        return load_stage_run(rid, up, stage) if rid else self.find(up)
 
     def run(self, stages: list[str]) -> dict[str, dict[str, str]]:
         if distributed.world()[1] > 1:
@@ -135,6 +139,9 @@ class Runner:
                 if nested:
                     mlflow.set_tag(f"reused.{stage}", prev.info.run_id)
                 return
+        if stage == "evaluate":  # further finetune runs scored with the upstream one, checked before any run starts
+            inputs["merge"] = [load_stage_run(rid, "finetune", "evaluate.merge_runs")
+                               for rid in self.cfg.evaluate.merge_runs]
         inputs["parent_run_id"] = parent_id
         inputs["resume"] = self.resume
         stage_tags = {**tags, "pipeline.stage": stage, "pipeline.stage_key": key,

@@ -24,7 +24,7 @@ from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 from pipeline.config import PipelineConfig, is_replica, parse_ensemble  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
-from pipeline.tracking import download, main_client, run_outputs  # noqa: E402
+from pipeline.tracking import download  # noqa: E402
 
 
 def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -266,26 +266,14 @@ def summary_metrics(res: dict) -> dict[str, float]:
     return out
 
 
-def finetune_predictions_uri(run_id: str) -> str:
-    """The predictions URI a finished finetune run handed downstream; a clear error for anything else."""
-    try:
-        run = main_client().get_run(run_id)
-    except Exception as e:
-        raise DataError(f"evaluate.merge_runs: run {run_id} not found in the store ({e}); name a finetune run "
-                        "id") from e
-    if run.info.status != "FINISHED" or run.data.tags.get("pipeline.stage") != "finetune":
-        raise DataError(f"evaluate.merge_runs: run {run_id} is not a finished finetune stage run")
-    return run_outputs(run)["predictions_uri"]
-
-
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     ev = cfg.evaluate
     src = download(inputs["finetune"]["predictions_uri"])
     out = Path(tempfile.mkdtemp(prefix="evaluate-"))
     pred_dir = out / "predictions"
     shutil.copytree(src, pred_dir)
-    for rid in ev.merge_runs:
-        merge_predictions(pred_dir, download(finetune_predictions_uri(rid)), source=f"finetune run {rid}")
+    for other in inputs.get("merge", []):  # resolved and checked by the orchestrator (evaluate.merge_runs)
+        merge_predictions(pred_dir, download(other["predictions_uri"]), source=f"finetune run {other['run_id']}")
     if ev.ensemble:
         add_ensemble(pred_dir, source=inputs["finetune"]["predictions_uri"])
     for spec in ev.ensembles:
