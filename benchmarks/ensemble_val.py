@@ -6,10 +6,11 @@ script reloads every logged model of a finetune run, predicts the target's whole
 preprocessing stored beside the model (flip TTA included if the model was scored with it), and compares the
 ensemble with each member arm, paired by (k, seed). The test split is not read.
 
-    python benchmarks/ensemble_val.py --run <finetune run id> [--run <another>] [--members a,b [--members c,d]]
+    python benchmarks/ensemble_val.py --run <finetune run id> [--run [<tag>=]<another>] [--members a,b [--members c,d]]
         [--config configs/default.yaml] [--set key=value]
 
-The config only has to describe the same target data set as the finetune run (`data.*`). Prints one JSON line per
+A run given as `<tag>=<run id>` has its arms named `<tag>.<arm>`, as `evaluate.merge_runs` names them (e.g.
+`lite2=<id>` for another backbone's transfer arm, `lite2.transfer`). The config only has to describe the same target data set as the finetune run (`data.*`). Prints one JSON line per
 (k, seed) and a summary per k and pooled: mean validation AUC per arm and the paired ensemble-minus-arm difference.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import load_config, parse_merge_run, tagged_arm  # noqa: E402
 from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.metrics import classification_metrics, mean_ci, paired_comparison  # noqa: E402
 from pipeline.predict import load_model  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, action="append",
                     help="finetune stage run id (its predictions/index.json lists models); repeat to pool runs of "
-                         "other seeds or arms")
+                         "other seeds or arms; '<tag>=<id>' names that run's arms '<tag>.<arm>'")
     ap.add_argument("--members", action="append", default=[],
                     help="arms of one ensemble, comma-separated (e.g. transfer,transfer.r1); repeat for several "
                          "ensembles, the first is the reference; default: transfer and every meta-* arm")
@@ -69,12 +70,13 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     setup_tracking(cfg.experiment)
     runs = []
-    for rid in args.run:
+    for spec in args.run:
+        tag, rid = parse_merge_run(spec)
         run = main_client().get_run(rid)
         if run.data.tags.get("pipeline.stage") != "finetune":
             sys.exit(f"run {rid} is not a finetune stage run; give the id of the run named 'finetune'")
         index = json.loads((download(run_outputs(run)["predictions_uri"]) / "index.json").read_text())
-        runs += [r | {"finetune_run": rid} for r in index["runs"]]
+        runs += [r | {"arm": tagged_arm(tag, r["arm"]), "finetune_run": rid} for r in index["runs"]]
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     groups = [m.split(",") for m in args.members] or [ensemble_members(arms)]
     ensembles = {"ensemble" if not args.members else "ens(" + "+".join(m) + ")": m for m in groups}

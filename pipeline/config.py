@@ -138,7 +138,8 @@ class EvaluateConfig:
     # further ensemble arms, each "name=arm+arm[+...]", e.g. "ensemble-2transfer=transfer+transfer.r1"
     ensembles: list[str] = field(default_factory=list)
     # further finetune runs whose predictions join the upstream run's (e.g. seeds 3-4 run after seeds 0-2); they must
-    # score the same test split and add only (arm, k, seed) combinations the others lack
+    # score the same test split and add only (arm, k, seed) combinations the others lack. "tag=<run id>" scores the
+    # run's arms as "<tag>.<arm>" (e.g. "lite2=<id>" -> lite2.transfer: another backbone's arm beside this one's)
     merge_runs: list[str] = field(default_factory=list)
 
 
@@ -274,6 +275,24 @@ def parse_arm(spec: str) -> tuple[str, int]:
     return kind, int(rep or 0)
 
 
+TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # no '.', so '<tag>.<arm>' splits one way
+
+
+def parse_merge_run(spec: str) -> tuple[str, str]:
+    """'<run id>' -> ('', id); 'lite2=<run id>' -> ('lite2', id): that run's arms are scored as 'lite2.<arm>'."""
+    tag, eq, rid = spec.rpartition("=")
+    tag, rid = tag.strip(), rid.strip()
+    if not rid or (eq and not TAG_RE.match(tag)):
+        raise ConfigError(f"config key 'evaluate.merge_runs': {spec!r} is not '<run id>' or '<tag>=<run id>' with a "
+                          f"tag of letters, digits, '_' and '-' that starts with a letter, e.g. 'lite2=<run id>'")
+    return tag, rid
+
+
+def tagged_arm(tag: str, arm: str) -> str:
+    """The name a merged run's arm is scored under: 'transfer' with tag 'lite2' -> 'lite2.transfer'."""
+    return f"{tag}.{arm}" if tag else arm
+
+
 def parse_ensemble(spec: str) -> tuple[str, list[str]]:
     """'ens2=transfer+transfer.r1' -> ('ens2', ['transfer', 'transfer.r1'])."""
     name, eq, rest = spec.partition("=")
@@ -303,6 +322,8 @@ def validate(cfg: PipelineConfig) -> None:
     if len(set(cfg.finetune.arms)) != len(cfg.finetune.arms):
         raise ConfigError(f"config key 'finetune.arms': {cfg.finetune.arms} names an arm twice; use <arm>.r<n> for a "
                           f"second copy with another seed")
+    for spec in cfg.evaluate.merge_runs:
+        parse_merge_run(spec)
     names = [parse_ensemble(e)[0] for e in cfg.evaluate.ensembles]
     if len(set(names)) != len(names) or (cfg.evaluate.ensemble and "ensemble" in names):
         raise ConfigError(f"config key 'evaluate.ensembles': names {names} repeat (or reuse 'ensemble' while "

@@ -16,7 +16,7 @@ import mlflow
 import torch
 
 from . import distributed
-from .config import PipelineConfig, parse_arm
+from .config import PipelineConfig, parse_arm, parse_merge_run
 from .tracking import (code_version, find_finished_run, git_commit, log_config, main_client, run_outputs,
                        setup_tracking, tracked_run)
 
@@ -140,8 +140,8 @@ class Runner:
                     mlflow.set_tag(f"reused.{stage}", prev.info.run_id)
                 return
         if stage == "evaluate":  # further finetune runs scored with the upstream one, checked before any run starts
-            inputs["merge"] = [load_stage_run(rid, "finetune", "evaluate.merge_runs")
-                               for rid in self.cfg.evaluate.merge_runs]
+            inputs["merge"] = [{**load_stage_run(rid, "finetune", "evaluate.merge_runs"), "tag": tag}
+                               for tag, rid in map(parse_merge_run, self.cfg.evaluate.merge_runs)]
         inputs["parent_run_id"] = parent_id
         inputs["resume"] = self.resume
         stage_tags = {**tags, "pipeline.stage": stage, "pipeline.stage_key": key,

@@ -21,7 +21,7 @@ from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
-from pipeline.config import PipelineConfig, is_replica, parse_ensemble  # noqa: E402
+from pipeline.config import PipelineConfig, is_replica, parse_ensemble, tagged_arm  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
 from pipeline.tracking import download  # noqa: E402
@@ -91,12 +91,18 @@ def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "", membe
     return n
 
 
-def merge_predictions(pred_dir: Path, other: Path, source: str) -> int:
+def merge_predictions(pred_dir: Path, other: Path, source: str, tag: str = "") -> int:
     """Add the prediction files and index entries of another finetune run (`other`, downloaded from `source`) to
     `pred_dir`: same classes, data set and test labels, and only (arm, k, seed) combinations `pred_dir` lacks, so
-    seed ranges or arms run separately are scored together. Returns the number of runs added."""
+    seed ranges or arms run separately are scored together. With a `tag`, the run's arms are added as
+    '<tag>.<arm>' (e.g. the transfer arm of another backbone beside this one's). Returns the number of runs added."""
     index = json.loads((pred_dir / "index.json").read_text())
     extra = json.loads((other / "index.json").read_text())
+    files = {r["file"]: r["file"] for r in extra["runs"]}
+    if tag:  # rename arms and files; the files are read from `other` under their old names
+        files = {f"{tag}.{r['file']}": r["file"] for r in extra["runs"]}
+        extra["runs"] = [r | {"arm": tagged_arm(tag, r["arm"]), "file": f"{tag}.{r['file']}"} for r in extra["runs"]]
+        extra["arms"] = [tagged_arm(tag, a) for a in extra["arms"]]
     for key in ("class_names", "dataset", "source"):
         if extra.get(key) != index.get(key):
             raise DataError(f"evaluate.merge_runs: {source} has {key} {extra.get(key)!r}, the finetune run has "
@@ -105,14 +111,15 @@ def merge_predictions(pred_dir: Path, other: Path, source: str) -> int:
     dup = sorted({(r["arm"], r["k"], r["seed"]) for r in extra["runs"]} & have)
     if dup:
         raise DataError(f"evaluate.merge_runs: {source} repeats (arm, k, seed) {dup[:5]} of the finetune run; merge "
-                        f"runs of other seeds (finetune.first_seed) or other arms only")
+                        f"runs of other seeds (finetune.first_seed) or other arms only, or tag the run "
+                        f"('<tag>=<run id>') to score its arms under other names")
     labels = pd.read_csv(pred_dir / index["runs"][0]["file"])["label"] if index["runs"] else None
     for r in extra["runs"]:
-        df = pd.read_csv(other / r["file"])
+        df = pd.read_csv(other / files[r["file"]])
         if labels is not None and not df["label"].equals(labels):
-            raise DataError(f"evaluate.merge_runs: {r['file']} of {source} scores other test images than the finetune "
-                            f"run; merge only runs of the same target split")
-        shutil.copy(other / r["file"], pred_dir / r["file"])
+            raise DataError(f"evaluate.merge_runs: {files[r['file']]} of {source} scores other test images than the "
+                            f"finetune run; merge only runs of the same target split")
+        shutil.copy(other / files[r["file"]], pred_dir / r["file"])
         index["runs"].append(r)
     index["arms"] += [a for a in extra["arms"] if a not in index["arms"]]
     seeds = sorted({r["seed"] for r in index["runs"]})
@@ -273,7 +280,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     pred_dir = out / "predictions"
     shutil.copytree(src, pred_dir)
     for other in inputs.get("merge", []):  # resolved and checked by the orchestrator (evaluate.merge_runs)
-        merge_predictions(pred_dir, download(other["predictions_uri"]), source=f"finetune run {other['run_id']}")
+        merge_predictions(pred_dir, download(other["predictions_uri"]), source=f"finetune run {other['run_id']}",
+                          tag=other.get("tag", ""))
     if ev.ensemble:
         add_ensemble(pred_dir, source=inputs["finetune"]["predictions_uri"])
     for spec in ev.ensembles:

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, PipelineConfig, load_config, parse_arm, parse_ensemble, parse_override
+from pipeline.config import (ConfigError, PipelineConfig, load_config, parse_arm, parse_ensemble, parse_merge_run,
+                             parse_override, tagged_arm)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,6 +49,9 @@ def test_overrides_are_typed():
     ("evaluate.ensembles=[pair=transfer]", "at least two different arms"),
     ("evaluate.ensembles=[transfer+meta-reptile]", "is not 'name=arm"),
     ("evaluate.ensembles=[ensemble=transfer+meta-reptile]", "repeat"),
+    ("evaluate.merge_runs=[lite.2=abc]", "'<tag>=<run id>'"),
+    ("evaluate.merge_runs=[2lite=abc]", "'<tag>=<run id>'"),
+    ("evaluate.merge_runs=[lite2=]", "'<tag>=<run id>'"),
 ])
 def test_bad_overrides_are_clear_errors(override, msg):
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
@@ -73,3 +77,9 @@ def test_replica_arms_and_named_ensembles_parse():
                              "evaluate.ensembles=[ensemble-2transfer=transfer+transfer.r1]"])
     assert [parse_arm(a) for a in cfg.finetune.arms] == [("transfer", 0), ("transfer", 1), ("meta", 2)]
     assert parse_ensemble(cfg.evaluate.ensembles[0]) == ("ensemble-2transfer", ["transfer", "transfer.r1"])
+
+
+def test_merge_runs_take_an_optional_tag():
+    cfg = load_config(None, ["evaluate.merge_runs=[abc123,lite2=def456]"])
+    assert [parse_merge_run(m) for m in cfg.evaluate.merge_runs] == [("", "abc123"), ("lite2", "def456")]
+    assert tagged_arm("lite2", "meta-reptile") == "lite2.meta-reptile" and tagged_arm("", "transfer") == "transfer"

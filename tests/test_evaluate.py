@@ -103,3 +103,34 @@ def test_merging_a_later_seed_range_scores_all_seeds_together(tmp_path):
     write_preds(d, ["transfer"], seeds=(7,), n=41)
     with pytest.raises(DataError, match="other test images"):
         merge_predictions(a, d, "run d")
+
+
+def test_a_tagged_run_is_scored_under_its_own_arm_names(tmp_path):
+    """`lite2=<run id>`: another backbone's transfer arm joins as `lite2.transfer` beside this run's transfer arm."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+    write_preds(a, ["transfer", "meta-reptile"])
+    write_preds(b, ["transfer"])
+    other = pd.read_csv(b / "transfer_k5_seed1.csv")
+    other[["prob_0", "prob_1"]] = other[["prob_1", "prob_0"]].to_numpy()  # tell the two transfer models apart
+    other.to_csv(b / "transfer_k5_seed1.csv", index=False)
+    mine = pd.read_csv(a / "transfer_k5_seed1.csv")
+    with pytest.raises(DataError, match="tag the run"):
+        merge_predictions(a, b, "run b")
+    assert merge_predictions(a, b, "run b", tag="lite2") == 4
+    index = json.loads((a / "index.json").read_text())
+    assert index["arms"] == ["transfer", "meta-reptile", "lite2.transfer"]
+    assert {r["file"] for r in index["runs"] if r["arm"] == "lite2.transfer"} == {
+        f"lite2.transfer_k{k}_seed{s}.csv" for k in (5, 20) for s in (0, 1)}
+    pd.testing.assert_frame_equal(pd.read_csv(a / "lite2.transfer_k5_seed1.csv"), other)
+    pd.testing.assert_frame_equal(pd.read_csv(a / "transfer_k5_seed1.csv"), mine)  # not overwritten
+    assert add_ensemble(a) == 4  # the default ensemble stays transfer + meta-reptile ...
+    m = pd.read_csv(a / "meta-reptile_k5_seed1.csv")
+    np.testing.assert_allclose(pd.read_csv(a / "ensemble_k5_seed1.csv").prob_1, (mine.prob_1 + m.prob_1) / 2)
+    assert add_ensemble(a, "ensemble-lite", members=["transfer", "lite2.transfer"]) == 4  # ... a named one mixes
+    np.testing.assert_allclose(pd.read_csv(a / "ensemble-lite_k5_seed1.csv").prob_1, (mine.prob_1 + other.prob_1) / 2)
+    res = compute_results(a, ev_bootstrap=0)
+    assert {c["arm"] for c in res["comparisons"]} == {"meta-reptile", "lite2.transfer", "ensemble", "ensemble-lite"}
+    with pytest.raises(DataError, match=r"repeats \(arm, k, seed\) \[\('lite2.transfer'"):
+        merge_predictions(a, b, "run b", tag="lite2")

@@ -101,7 +101,8 @@ def test_evaluate_artifacts_and_metrics_recompute_from_predictions(smoke):
 
 def test_replica_arm_merged_run_and_named_ensemble(smoke):
     """A second transfer arm (`transfer.r1`) run on its own, scored together with the smoke run's arms
-    (evaluate.merge_runs) and averaged with transfer in a named ensemble (evaluate.ensembles)."""
+    (evaluate.merge_runs; the smoke run a second time under a tag, as another backbone's run would be) and averaged
+    with transfer in a named ensemble (evaluate.ensembles)."""
     rs = runs(smoke["uri"], "fewshot-medmeta-smoke")
     ft_id, bb_id = (next(r.info.run_id for r in rs if r.data.tags.get("pipeline.stage") == st)
                     for st in ("finetune", "backbone"))
@@ -113,14 +114,17 @@ def test_replica_arm_merged_run_and_named_ensemble(smoke):
               smoke["dir"], smoke["uri"], check=False)
     assert bad.returncode == 2 and "evaluate.merge_runs" in bad.stderr, bad.stderr[-2000:]
     assert not [r for r in runs(smoke["uri"], exp) if r.info.status == "RUNNING"]
-    cli(base + ["--stage", "evaluate", "--set", f"evaluate.merge_runs=[{ft_id}]",
+    cli(base + ["--stage", "evaluate", "--set", f"evaluate.merge_runs=[{ft_id},again={ft_id}]",  # tagged: again.*
                 "--set", "evaluate.ensembles=[two-transfer=transfer+transfer.r1]"], smoke["dir"], smoke["uri"])
     ev = next(r for r in runs(smoke["uri"], exp) if r.data.tags.get("pipeline.stage") == "evaluate"
               and r.info.status == "FINISHED")
     mlflow.set_tracking_uri(smoke["uri"])
     d = Path(mlflow.artifacts.download_artifacts(run_id=ev.info.run_id, dst_path=str(smoke["dir"] / "ev-replica")))
     res = json.loads((d / "results.json").read_text())
-    assert res["arms"] == ["transfer.r1", "scratch", "transfer", "meta-reptile", "ensemble", "two-transfer"]
+    assert res["arms"] == ["transfer.r1", "scratch", "transfer", "meta-reptile", "again.scratch", "again.transfer",
+                           "again.meta-reptile", "ensemble", "two-transfer"]
+    pd.testing.assert_frame_equal(pd.read_csv(d / "predictions" / "again.transfer_k20_seed0.csv"),
+                                  pd.read_csv(d / "predictions" / "transfer_k20_seed0.csv"))
     p = {a: pd.read_csv(d / "predictions" / f"{a}_k5_seed1.csv") for a in ("transfer", "transfer.r1", "two-transfer")}
     assert not np.allclose(p["transfer"].prob_1, p["transfer.r1"].prob_1)  # another seed, another model
     np.testing.assert_allclose(p["two-transfer"].prob_1, (p["transfer"].prob_1 + p["transfer.r1"].prob_1) / 2,
