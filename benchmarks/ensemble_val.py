@@ -6,12 +6,13 @@ script reloads every logged model of a finetune run, predicts the target's whole
 preprocessing stored beside the model (flip TTA included if the model was scored with it), and compares the
 ensemble with each member arm, paired by (k, seed). The test split is not read.
 
-    python benchmarks/ensemble_val.py --run <finetune run id> [--run [<tag>=]<another>] [--members a,b [--members c,d]]
-        [--config configs/default.yaml] [--set key=value]
+    python benchmarks/ensemble_val.py --run <finetune run id> [--run [<tag>=]<another>]
+        [--members a,b [--members c,d]] [--config configs/default.yaml] [--set key=value]
 
 A run given as `<tag>=<run id>` has its arms named `<tag>.<arm>`, as `evaluate.merge_runs` names them (e.g.
-`lite2=<id>` for another backbone's transfer arm, `lite2.transfer`). The config only has to describe the same target data set as the finetune run (`data.*`). Prints one JSON line per
-(k, seed) and a summary per k and pooled: mean validation AUC per arm and the paired ensemble-minus-arm difference.
+`lite2=<id>` for another backbone's transfer arm, `lite2.transfer`). The config only has to describe the same
+target data set as the finetune run (`data.*`). Prints one JSON line per (k, seed) and a summary per k and pooled:
+mean validation AUC per arm and the paired ensemble-minus-arm difference.
 """
 from __future__ import annotations
 
