@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.config import load_config, parse_merge_run, tagged_arm  # noqa: E402
+from pipeline.config import ConfigError, load_config, parse_merge_run, tagged_arm  # noqa: E402
 from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.metrics import classification_metrics, mean_ci, paired_comparison  # noqa: E402
 from pipeline.predict import load_model  # noqa: E402
@@ -72,7 +72,10 @@ def main() -> None:
     setup_tracking(cfg.experiment)
     runs = []
     for spec in args.run:
-        tag, rid = parse_merge_run(spec)
+        try:
+            tag, rid = parse_merge_run(spec)
+        except ConfigError as e:
+            sys.exit(f"--run: {e}")
         run = main_client().get_run(rid)
         if run.data.tags.get("pipeline.stage") != "finetune":
             sys.exit(f"run {rid} is not a finetune stage run; give the id of the run named 'finetune'")

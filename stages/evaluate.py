@@ -98,11 +98,10 @@ def merge_predictions(pred_dir: Path, other: Path, source: str, tag: str = "") -
     '<tag>.<arm>' (e.g. the transfer arm of another backbone beside this one's). Returns the number of runs added."""
     index = json.loads((pred_dir / "index.json").read_text())
     extra = json.loads((other / "index.json").read_text())
-    files = {r["file"]: r["file"] for r in extra["runs"]}
-    if tag:  # rename arms and files; the files are read from `other` under their old names
-        files = {f"{tag}.{r['file']}": r["file"] for r in extra["runs"]}
-        extra["runs"] = [r | {"arm": tagged_arm(tag, r["arm"]), "file": f"{tag}.{r['file']}"} for r in extra["runs"]]
-        extra["arms"] = [tagged_arm(tag, a) for a in extra["arms"]]
+    prefix = f"{tag}." if tag else ""  # a tagged run's arms and files become '<tag>.<arm>', '<tag>.<file>'
+    files = {prefix + r["file"]: r["file"] for r in extra["runs"]}  # merged name -> its name in `other`
+    extra["runs"] = [r | {"arm": tagged_arm(tag, r["arm"]), "file": prefix + r["file"]} for r in extra["runs"]]
+    extra["arms"] = [tagged_arm(tag, a) for a in extra["arms"]]
     for key in ("class_names", "dataset", "source"):
         if extra.get(key) != index.get(key):
             raise DataError(f"evaluate.merge_runs: {source} has {key} {extra.get(key)!r}, the finetune run has "
