@@ -73,14 +73,18 @@ def main() -> None:
     runs = []
     for spec in args.run:
         try:
-            tag, rid = parse_merge_run(spec)
+            tag, rid = parse_merge_run(spec, "--run")
         except ConfigError as e:
-            sys.exit(f"--run: {e}")
+            sys.exit(str(e))
         run = main_client().get_run(rid)
         if run.data.tags.get("pipeline.stage") != "finetune":
             sys.exit(f"run {rid} is not a finetune stage run; give the id of the run named 'finetune'")
         index = json.loads((download(run_outputs(run)["predictions_uri"]) / "index.json").read_text())
         runs += [r | {"arm": tagged_arm(tag, r["arm"]), "finetune_run": rid} for r in index["runs"]]
+    seen = [(r["arm"], r["k"], r["seed"]) for r in runs]
+    if len(set(seen)) != len(seen):  # as evaluate.merge_runs refuses them: one model per (arm, k, seed)
+        sys.exit(f"--run: the runs repeat (arm, k, seed) {sorted({x for x in seen if seen.count(x) > 1})[:5]}; pool "
+                 f"runs of other seeds or arms, or tag one ('<tag>=<run id>') to name its arms '<tag>.<arm>'")
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     groups = [m.split(",") for m in args.members] or [ensemble_members(arms)]
     ensembles = {"ensemble" if not args.members else "ens(" + "+".join(m) + ")": m for m in groups}

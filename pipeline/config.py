@@ -278,12 +278,13 @@ def parse_arm(spec: str) -> tuple[str, int]:
 TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # no '.', so '<tag>.<arm>' splits one way
 
 
-def parse_merge_run(spec: str) -> tuple[str, str]:
-    """'<run id>' -> ('', id); 'lite2=<run id>' -> ('lite2', id): that run's arms are scored as 'lite2.<arm>'."""
+def parse_merge_run(spec: str, named_by: str = "config key 'evaluate.merge_runs'") -> tuple[str, str]:
+    """'<run id>' -> ('', id); 'lite2=<run id>' -> ('lite2', id): that run's arms are scored as 'lite2.<arm>'.
+    `named_by` (where the spec came from) leads the error."""
     tag, eq, rid = spec.rpartition("=")
     tag, rid = tag.strip(), rid.strip()
     if not rid or (eq and not TAG_RE.match(tag)):
-        raise ConfigError(f"config key 'evaluate.merge_runs': {spec!r} is not '<run id>' or '<tag>=<run id>' with a "
+        raise ConfigError(f"{named_by}: {spec!r} is not '<run id>' or '<tag>=<run id>' with a "
                           f"tag of letters, digits, '_' and '-' that starts with a letter, e.g. 'lite2=<run id>'")
     return tag, rid
 
