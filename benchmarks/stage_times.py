@@ -1,7 +1,9 @@
 """Wall time, peak GPU memory and throughput of each stage run of the latest `--stage all` pipeline run in an
-MLflow store (what the README's GPU table reports).
+MLflow store (what the README's GPU table reports). With --standalone: the latest top-level run of each stage
+instead, for stages run one at a time (e.g. meta and finetune under torchrun).
 
     python benchmarks/stage_times.py [--experiment fewshot-medmeta-gpu] [--tracking-uri sqlite:///mlruns/mlflow.db]
+                                     [--standalone]
 """
 from __future__ import annotations
 
@@ -21,16 +23,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="fewshot-medmeta-gpu")
     ap.add_argument("--tracking-uri", default="")
+    ap.add_argument("--standalone", action="store_true", help="latest top-level run of each stage, no parent run")
     args = ap.parse_args()
     client = MlflowClient(args.tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:
         sys.exit(f"no experiment {args.experiment!r} in {client.tracking_uri}")
     runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attributes.start_time DESC"])
-    parent = next((r for r in runs if r.data.tags.get("pipeline.stage") == "pipeline"), None)
-    stages = [r for r in runs if parent and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    if parent is None or not stages:
-        sys.exit("no pipeline run with stage runs found")
+    if args.standalone:
+        parent = None
+        top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        stages = [r for r in (next((r for r in top if r.data.tags.get("pipeline.stage") == s), None)
+                              for s in ("backbone", "meta", "finetune", "evaluate")) if r is not None]
+        if not stages:
+            sys.exit("no top-level stage runs found")
+    else:
+        parent = next((r for r in runs if r.data.tags.get("pipeline.stage") == "pipeline"), None)
+        stages = [r for r in runs if parent and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        if parent is None or not stages:
+            sys.exit("no pipeline run with stage runs found")
     total = 0.0
     for r in sorted(stages, key=lambda r: r.info.start_time):
         secs = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
@@ -43,6 +54,11 @@ def main() -> None:
                 extra += f", {len(children)} runs, train_images_per_s mean={sum(rates) / len(rates):.1f}"
         print(f"{r.data.tags['pipeline.stage']:<9} {r.info.status:<9} {secs:8.1f} s  {r.data.tags.get('device', '')}  "
               f"{extra}")
+    if parent is None:
+        first = min(r.info.start_time for r in stages)
+        last = max(r.info.end_time or r.info.start_time for r in stages)
+        print(f"{'stages':<19} {(last - first) / 1000:8.1f} s from the first start to the last end (stages {total:.1f} s)")
+        return
     p = parent.info
     print(f"pipeline  {p.status:<9} {((p.end_time or p.start_time) - p.start_time) / 1000:8.1f} s (stages {total:.1f} s)")
 

@@ -36,29 +36,44 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
             "specificity": float(spec), "f1": float(f1)}
 
 
-def _auc(y: np.ndarray, prob: np.ndarray) -> float:
-    if prob.shape[1] == 2:
-        return float(roc_auc_score(y, prob[:, 1]))
-    p = prob / prob.sum(1, keepdims=True)
-    return float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(prob.shape[1]))))
+def auc_rows(y: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of y (B, N) ints and prob (B, N, C): the Mann-Whitney rank form of what
+    `roc_auc_score` gives (ties count one half; one-vs-rest macro over C > 2 columns, rows renormalised), for
+    all rows at once. Every row must hold every class."""
+    if prob.shape[-1] > 2:
+        prob = prob / prob.sum(-1, keepdims=True)
+    cols = [1] if prob.shape[-1] == 2 else range(prob.shape[-1])
+    aucs = []
+    for c in cols:
+        pos = y == c
+        n1 = pos.sum(1)
+        n0 = pos.shape[1] - n1
+        ranks = stats.rankdata(prob[..., c], axis=1)  # average ranks for ties
+        aucs.append(((ranks * pos).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return np.mean(aucs, axis=0)
 
 
 def bootstrap_ci(y: np.ndarray, prob: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
                  metrics: tuple[str, ...] = ("auc", "accuracy")) -> dict[str, tuple[float, float]]:
-    """Percentile CI over test-set resamples, stratified by class so every resample has every class."""
+    """Percentile CI over test-set resamples, stratified by class so every resample has every class.
+    AUC and accuracy are computed for all resamples at once (`auc_rows`); other metrics one resample at a time."""
+    y, prob = np.asarray(y), np.asarray(prob, dtype=float)
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
-    fast = {"auc": lambda yy, pp: _auc(yy, pp), "accuracy": lambda yy, pp: float((pp.argmax(1) == yy).mean())}
-    vals: dict[str, list[float]] = {m: [] for m in metrics}
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(ix, len(ix), replace=True) for ix in by_class])
-        res = {m: fast[m](y[idx], prob[idx]) for m in metrics if m in fast}
-        if len(res) < len(metrics):
-            res |= classification_metrics(y[idx], prob[idx])
-        for m in metrics:
-            vals[m].append(res[m])
+    idx = np.stack([np.concatenate([rng.choice(ix, len(ix), replace=True) for ix in by_class])
+                    for _ in range(n_boot)])
+    vals: dict[str, np.ndarray] = {}
+    all_classes = len(by_class) == prob.shape[1]  # else let scikit-learn raise its own error
+    if "auc" in metrics and all_classes:
+        vals["auc"] = auc_rows(y[idx], prob[idx])
+    if "accuracy" in metrics:
+        vals["accuracy"] = (prob[idx].argmax(-1) == y[idx]).mean(1)
+    rest = [m for m in metrics if m not in vals]
+    if rest:
+        per = [classification_metrics(y[i], prob[i]) for i in idx]
+        vals |= {m: np.array([r[m] for r in per]) for m in rest}
     a = (1 - ci) / 2
-    return {m: (float(np.quantile(v, a)), float(np.quantile(v, 1 - a))) for m, v in vals.items()}
+    return {m: (float(np.quantile(vals[m], a)), float(np.quantile(vals[m], 1 - a))) for m in metrics}
 
 
 def mean_ci(values: list[float] | np.ndarray, ci: float = 0.95) -> tuple[float, float, float]:

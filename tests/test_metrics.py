@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import bootstrap_ci, classification_metrics, mean_ci, paired_comparison
+from sklearn.metrics import roc_auc_score
+
+from pipeline.metrics import auc_rows, bootstrap_ci, classification_metrics, mean_ci, paired_comparison
 
 
 def test_binary_metrics_by_hand():
@@ -40,6 +42,43 @@ def test_bootstrap_ci_brackets_estimate_and_narrows_with_n():
     y2, prob2 = sample(2000)
     lo2, hi2 = bootstrap_ci(y2, prob2, 300, seed=1)["auc"]
     assert hi2 - lo2 < hi - lo
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_auc_rows_equal_scikit_learn_with_ties(n_classes):
+    rng = np.random.default_rng(n_classes)
+    y = np.tile(np.arange(n_classes), 40)[None].repeat(6, 0)
+    for row in y:
+        rng.shuffle(row)
+    prob = np.round(rng.random((6, y.shape[1], n_classes)), 1) + 0.05  # coarse values: many ties
+    if n_classes == 2:
+        prob /= prob.sum(-1, keepdims=True)
+    got = auc_rows(y, prob)
+    want = [roc_auc_score(yy, pp[:, 1]) if n_classes == 2 else
+            roc_auc_score(yy, pp / pp.sum(1, keepdims=True), multi_class="ovr", average="macro")
+            for yy, pp in zip(y, prob)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert np.ptp(got) > 0.01  # the rows differ, so a broadcasting slip would show
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_bootstrap_ci_equals_one_resample_at_a_time(n_classes):
+    """The vectorised bootstrap draws the same resamples as a scikit-learn loop and gives the same quantiles."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, n_classes, 150)
+    prob = np.round(rng.random((150, n_classes)) + 0.4 * np.eye(n_classes)[y], 1)
+    prob /= prob.sum(1, keepdims=True)
+    got = bootstrap_ci(y, prob, 200, seed=3, metrics=("auc", "accuracy", "f1"))
+    r = np.random.default_rng(3)
+    by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    per = []
+    for _ in range(200):
+        idx = np.concatenate([r.choice(ix, len(ix), replace=True) for ix in by_class])
+        per.append(classification_metrics(y[idx], prob[idx]))
+    for m in ("auc", "accuracy", "f1"):
+        v = [p[m] for p in per]
+        assert got[m] == pytest.approx((np.quantile(v, 0.025), np.quantile(v, 0.975)), abs=1e-12)
+    assert got["auc"][1] - got["auc"][0] > 0.01
 
 
 def test_mean_ci_and_paired_comparison():
