@@ -110,6 +110,10 @@ class Runner:
             if stages not in (["meta"], ["finetune"]):
                 raise PipelineError("under torchrun, run `--stage meta` or `--stage finetune` alone (run the other "
                                     "stages without torchrun)")
+            if stages == ["meta"] and self.cfg.meta.meta_batch < distributed.world()[1]:
+                raise PipelineError(f"meta.meta_batch={self.cfg.meta.meta_batch} is smaller than the "
+                                    f"{distributed.world()[1]} torchrun processes, and every process needs a task "
+                                    f"of each meta-batch; raise meta.meta_batch or start fewer processes")
             if not distributed.is_main():  # read the project's store, write to a private one
                 side = distributed.side_store()
                 mlflow.set_tracking_uri(f"sqlite:///{side / 'mlflow.db'}")

@@ -191,6 +191,15 @@ def test_unknown_config_key_exits_nonzero(tmp_path):
     assert p.returncode == 2 and "unknown config key 'meta.nope'" in p.stderr
 
 
+def test_torchrun_with_fewer_meta_tasks_than_processes_is_a_clear_error(tmp_path):
+    """Found on an H200 (4 processes, smoke meta_batch 2): processes without a task crashed inside torch.stack."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"}  # as torchrun sets them
+    p = cli(["run", "--stage", "meta", "--config", SMOKE], tmp_path, uri, check=False, env=env)
+    assert p.returncode == 2 and "meta.meta_batch=2 is smaller than the 4 torchrun processes" in p.stderr
+    assert "Traceback" not in p.stderr and runs(uri, "fewshot-medmeta-smoke") == []
+
+
 META = ["--config", SMOKE, "--set", "meta.algorithm=fomaml", "--set", "meta.iterations=10",
         "--set", "meta.checkpoint_every=2", "--set", "meta.val_every=4"]
 
