@@ -3,6 +3,7 @@ stopping off) on k labelled target images per class, for eager / channels-last /
 Each variant fine-tunes two fresh models one after the other, so a compile's cost shows up in the first.
 
     python benchmarks/finetune_throughput.py [--device cuda] [--size 128] [--k 100] [--epochs 10] [--variants ...]
+        [--cudnn-benchmark on|off]
 
 Prints one line per variant and, last, `RESULT <variant>=<training images/s of the second model> ...`.
 """
@@ -35,9 +36,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--variants", default="eager,channels_last,compile+channels_last")
+    ap.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"], help="cuDNN autotuning on CUDA")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    configure(dev)
+    configure(dev, args.cudnn_benchmark == "on")
     root = os.environ.get("PIPELINE_DATA_ROOT") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
     cfg = load_config(None, [f"data.root={root}"])
     target = load_target(cfg)

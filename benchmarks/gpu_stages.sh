@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 CFG=${1:?usage: NPROC=4 bash benchmarks/gpu_stages.sh CONFIG [--set key=value ...]}
 shift
 NPROC=${NPROC:-4}
-EXP=$(python3 -c "import sys; from pipeline.config import load_config; print(load_config(sys.argv[1]).experiment)" "$CFG")
+EXP=$(python3 -c "import sys; from pipeline.config import load_config; print(load_config(sys.argv[1]).experiment)" \
+  "$CFG" 2>&1) || { echo "error: cannot read config $CFG: ${EXP##*$'\n'}" >&2; exit 2; }
 t0=$(date +%s)
 mark() { echo "=== $1 at $(( $(date +%s) - t0 )) s"; }
 plain() { python3 -m pipeline run --stage "$1" --config "$CFG" "${@:2}"; }

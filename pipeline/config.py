@@ -151,6 +151,7 @@ class PipelineConfig:
     num_workers: int = 0
     channels_last: str = "auto"  # auto | on | off (auto: on for GPUs, and on CPU except for second-order MAML)
     compile: bool = False  # torch.compile the fine-tuning model; off unless it measures faster (benchmarks/)
+    cudnn_benchmark: bool = True  # cuDNN autotuning on CUDA; off skips the per-shape search (README, GPU section)
     data: DataConfig = field(default_factory=DataConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

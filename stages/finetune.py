@@ -136,7 +136,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     distributed.init(dev)
     dev = distributed.local_device(dev)
     rank, world = distributed.world()
-    configure(dev)
+    configure(dev, cfg.cudnn_benchmark)
     channels_last = use_channels_last(cfg.channels_last, dev)
     mlflow.set_tags({"device": device_name(dev), "channels_last": str(channels_last), "compile": str(cfg.compile)})
     target = load_target(cfg)

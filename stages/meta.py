@@ -63,7 +63,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     dev = distributed.local_device(dev)
     rank, world = distributed.world()
     share = distributed.task_share(m.meta_batch)
-    configure(dev)
+    configure(dev, cfg.cudnn_benchmark)
     mlflow.set_tags({"device": device_name(dev), "algorithm": m.algorithm, "backbone": cfg.backbone.model})
     torch.manual_seed(cfg.seed)  # dropout inside the model draws from torch's generator; saved on checkpoints
 

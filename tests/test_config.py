@@ -83,3 +83,22 @@ def test_merge_runs_take_an_optional_tag():
     cfg = load_config(None, ["evaluate.merge_runs=[abc123,lite2=def456]"])
     assert [parse_merge_run(m) for m in cfg.evaluate.merge_runs] == [("", "abc123"), ("lite2", "def456")]
     assert tagged_arm("lite2", "meta-reptile") == "lite2.meta-reptile" and tagged_arm("", "transfer") == "transfer"
+
+
+def test_cudnn_benchmark_switch_reaches_cudnn():
+    """`cudnn_benchmark` is a typed key and `configure` applies it for CUDA devices (flags only, no GPU needed)."""
+    import torch
+
+    from pipeline.device import configure
+    assert load_config(None, ["cudnn_benchmark=false"]).cudnn_benchmark is False
+    before = torch.backends.cudnn.benchmark
+    try:
+        configure(torch.device("cuda"), cudnn_benchmark=False)
+        assert torch.backends.cudnn.benchmark is False
+        configure(torch.device("cuda"), cudnn_benchmark=True)
+        assert torch.backends.cudnn.benchmark is True
+        torch.backends.cudnn.benchmark = False
+        configure(torch.device("cpu"), cudnn_benchmark=True)  # CPU leaves cuDNN alone
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
