@@ -64,10 +64,12 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, n_boot: int = 1000, ci: float 
                     for _ in range(n_boot)])
     vals: dict[str, np.ndarray] = {}
     all_classes = len(by_class) == prob.shape[1]  # else let scikit-learn raise its own error
+    step = max(1, 2**22 // prob.size)  # resamples per block: a few tens of MB however large the test set
+    blocks = [idx[i:i + step] for i in range(0, n_boot, step)]
     if "auc" in metrics and all_classes:
-        vals["auc"] = auc_rows(y[idx], prob[idx])
+        vals["auc"] = np.concatenate([auc_rows(y[b], prob[b]) for b in blocks])
     if "accuracy" in metrics:
-        vals["accuracy"] = (prob[idx].argmax(-1) == y[idx]).mean(1)
+        vals["accuracy"] = np.concatenate([(prob[b].argmax(-1) == y[b]).mean(1) for b in blocks])
     rest = [m for m in metrics if m not in vals]
     if rest:
         per = [classification_metrics(y[i], prob[i]) for i in idx]
