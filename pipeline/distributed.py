@@ -29,10 +29,11 @@ def _local() -> tuple[int, int]:
 
 
 def backend(device: torch.device) -> str:
-    """NCCL when every local process has a GPU of its own, else gloo (CPU, or several processes per GPU:
-    NCCL refuses two ranks on one device, and small fine-tuning jobs gain from sharing a GPU)."""
+    """NCCL for CUDA tensors when every local process has a GPU of its own, gloo for CPU tensors (the small
+    loss/accuracy sums, object gathers); gloo alone otherwise (CPU, or several processes per GPU: NCCL refuses two
+    ranks on one device, and small fine-tuning jobs gain from sharing a GPU)."""
     if device.type == "cuda" and _local()[1] <= torch.cuda.device_count():
-        return "nccl"
+        return "cpu:gloo,cuda:nccl"
     return "gloo"
 
 

@@ -120,14 +120,19 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     work = Path(tempfile.mkdtemp(prefix="meta-"))
 
     def validate() -> tuple[float, float]:
-        tot_l = tot_a = 0.0
+        """Mean loss and accuracy over the fixed validation tasks; under torchrun each process adapts to its share
+        of them and the sums are all-reduced, so every process keeps the same best checkpoint."""
+        tot = torch.zeros(2, dtype=torch.float64)
         for i in range(0, m.val_tasks, m.meta_batch):
             n = min(m.meta_batch, m.val_tasks - i)
-            b = va.batch(i, n).to(dev, cl)
-            with autocast(dev):
-                vl, vacc = learner.evaluate(b.xs, b.ys, b.xq, b.yq)
-            tot_l, tot_a = tot_l + vl * n, tot_a + vacc * n
-        return tot_l / m.val_tasks, tot_a / m.val_tasks
+            mine = distributed.task_share(n)
+            if len(mine):
+                b = va.batch(i, n, mine).to(dev, cl)
+                with autocast(dev):
+                    vl, vacc = learner.evaluate(b.xs, b.ys, b.xq, b.yq)
+                tot += torch.tensor([vl * len(mine), vacc * len(mine)], dtype=torch.float64)
+        distributed.all_reduce_sum([tot])
+        return tot[0].item() / m.val_tasks, tot[1].item() / m.val_tasks
 
     t0 = time.time()
     bar = tqdm(range(start, m.iterations), desc=f"meta/{m.algorithm}", initial=start, total=m.iterations,
