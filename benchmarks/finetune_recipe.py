@@ -76,7 +76,7 @@ def main() -> None:
         return
     cfg = load_config(args.config, args.overrides)
     ft, dev = cfg.finetune, resolve_device(cfg.device)
-    configure(dev)
+    configure(dev, cfg.cudnn_benchmark)
     target = load_target(cfg)
     tr, va, te = (target.splits[s] for s in ("train", "val", "test"))
     C = len(target.class_names)
