@@ -57,7 +57,8 @@ def main() -> None:
     if parent is None:
         first = min(r.info.start_time for r in stages)
         last = max(r.info.end_time or r.info.start_time for r in stages)
-        print(f"{'stages':<19} {(last - first) / 1000:8.1f} s from the first start to the last end (stages {total:.1f} s)")
+        span = (last - first) / 1000
+        print(f"{'stages':<19} {span:8.1f} s from the first start to the last end (stages {total:.1f} s)")
         return
     p = parent.info
     print(f"pipeline  {p.status:<9} {((p.end_time or p.start_time) - p.start_time) / 1000:8.1f} s (stages {total:.1f} s)")
