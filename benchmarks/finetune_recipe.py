@@ -30,7 +30,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.device import configure, resolve_device  # noqa: E402
 from pipeline.metrics import classification_metrics, mean_ci, paired_comparison  # noqa: E402
-from pipeline.train import fit, log_loss, predict_proba, self_train, stack_inputs  # noqa: E402
+from pipeline.train import fit, log_loss, predict_proba, self_train_rounds, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
 from stages.finetune import build_arm_model, build_job_transform, job_subsets, selection_size  # noqa: E402
 
@@ -111,18 +111,19 @@ def main() -> None:
             x_sel, y_sel = x_val[torch.from_numpy(va_idx)], va.labels[va_idx]
             res = fit(model, ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t),
                       x_sel, y_sel, ft, dev, seed=split_seed, head=head_prefix(model), n_classes=C)
-            row = {"seed": s, "best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4)}
-            if ft.pseudo_per_class:  # self-training, as the stage does it; the row then describes the student
-                # the teacher is a final model of its own (self-training off): one validation and one test pass
-                row |= {f"teacher_{key}": v for key, v in scores(model).items() if key != "val_loss"}
-                for rnd in range(ft.pseudo_rounds):
-                    if rnd:  # an earlier round's student, the next teacher, is scored like a final model too
-                        row |= {f"round{rnd}_{key}": v for key, v in scores(model).items() if key != "val_loss"}
-                    model, res, diag = self_train(
-                        model, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed), ft, tr, tr_idx, ev,
-                        train_t, x_sel, y_sel, dev, seed=split_seed + rnd, n_classes=C)
-                    row |= {"best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
-                            **{key: round(v, 4) for key, v in diag.items()}}
+            row = {"seed": s}
+
+            def score_teacher(rnd: int, teacher: torch.nn.Module, _fit) -> None:
+                """Each teacher is scored as a final model: teacher_* for the fine-tune, round<r>_* for the student
+                of round r that teaches round r+1."""
+                name = "teacher" if rnd == 0 else f"round{rnd}"
+                row.update({f"{name}_{key}": v for key, v in scores(teacher).items() if key != "val_loss"})
+            # self-training, as the stage does it; the row then describes the last student
+            model, res, _, _, _, diag = self_train_rounds(
+                model, res, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed), ft, tr, tr_idx, ev,
+                train_t, x_sel, y_sel, dev, seed=split_seed, n_classes=C, before_round=score_teacher)
+            row |= {"best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
+                    **{key: round(v, 4) for key, v in diag.items()}}
         row |= scores(model)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)

@@ -188,3 +188,27 @@ def self_train(teacher: nn.Module, make_student: Callable[[], nn.Module], ft: Fi
               channels_last=channels_last, **fit_kw)
     acc = float(np.mean(pseudo == train.labels[chosen])) if len(chosen) else float("nan")
     return student, res, {"pseudo_images": float(len(chosen)), "pseudo_label_accuracy": acc}
+
+
+def self_train_rounds(model: nn.Module, res: FitResult, make_student: Callable[[], nn.Module], ft: FinetuneConfig,
+                      train: Split, labelled: np.ndarray, eval_t: Callable, train_t: Callable, x_val: torch.Tensor,
+                      val_labels: np.ndarray, dev: torch.device, seed: int, n_classes: int,
+                      before_round: Callable[[int, nn.Module, FitResult], None] | None = None,
+                      on_epoch: Callable[[int, dict], None] | None = None, **kw
+                      ) -> tuple[nn.Module, FitResult, list[dict], int, int, dict[str, float]]:
+    """`ft.pseudo_rounds` rounds of `self_train` after the fine-tune that gave (`model`, `res`); none when
+    `ft.pseudo_per_class` is 0. Each round's student teaches the next; `before_round(rnd, teacher, its fit)` sees
+    every teacher first. The curves continue across rounds (`on_epoch` gets continued epoch numbers).
+    Returns the final model and its fit, all curves, training images seen, the epoch where the final fit's curve
+    starts, and the last round's diagnostics."""
+    history, seen, first, diag = list(res.history), res.images_seen, 0, {}
+    for rnd in range(ft.pseudo_rounds if ft.pseudo_per_class else 0):
+        if before_round:
+            before_round(rnd, model, res)
+        first = len(history)
+        model, res, diag = self_train(model, make_student, ft, train, labelled, eval_t, train_t, x_val, val_labels,
+                                      dev, seed=seed + rnd, n_classes=n_classes,
+                                      on_epoch=(lambda e, r, f=first: on_epoch(f + e, r)) if on_epoch else None,
+                                      **kw)
+        history, seen = history + res.history, seen + res.images_seen
+    return model, res, history, seen, first, diag

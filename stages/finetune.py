@@ -21,7 +21,7 @@ from pipeline.device import configure, device_name, resolve_device, use_channels
 from pipeline.metrics import classification_metrics
 from pipeline.predict import PREPROCESS_FILE, preprocess_spec
 from pipeline.tracking import download
-from pipeline.train import fit, predict_proba, self_train, stack_inputs
+from pipeline.train import fit, predict_proba, self_train_rounds, stack_inputs
 from pipeline.transforms import AlbumentationsTransform, build_transform
 
 
@@ -181,18 +181,16 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
             res = fit(model, train_ds, x_sel, y_sel, ft, dev, seed=rs, head=head_prefix(model), n_classes=C,
                       on_epoch=on_epoch, num_workers=cfg.num_workers, channels_last=channels_last,
                       compile=cfg.compile)
-            extra, history, first, seen = {}, res.history, 0, res.images_seen
+            extra = {}
+
+            def note_teacher(rnd: int, _teacher, teacher_fit) -> None:
+                extra["teacher_val_auc" if rnd == 0 else f"round{rnd}_val_auc"] = teacher_fit.best_val_auc
             # self-training: the fine-tuned model becomes the teacher; its student (after the last round) is final
-            for rnd in range(ft.pseudo_rounds if ft.pseudo_per_class else 0):
-                extra["teacher_val_auc" if rnd == 0 else f"round{rnd}_val_auc"] = res.best_val_auc
-                first = len(history)  # the student's curves continue the teacher's steps
-                model, res, diag = self_train(
-                    model, lambda: build_arm_model(arms[arm], model_name, C, rs), ft, tr, tr_idx, eval_t,
-                    train_t, x_sel, y_sel, dev, seed=rs + rnd, n_classes=C, channels_last=channels_last,
-                    num_workers=cfg.num_workers, compile=cfg.compile,
-                    on_epoch=(lambda e, r, first=first: on_epoch(first + e, r)) if on_epoch else None)
-                extra |= diag
-                history, seen = history + res.history, seen + res.images_seen
+            model, res, history, seen, first, diag = self_train_rounds(
+                model, res, lambda: build_arm_model(arms[arm], model_name, C, rs), ft, tr, tr_idx, eval_t, train_t,
+                x_sel, y_sel, dev, seed=rs, n_classes=C, before_round=note_teacher, on_epoch=on_epoch,
+                channels_last=channels_last, num_workers=cfg.num_workers, compile=cfg.compile)
+            extra |= diag
             prob = predict_proba(model, x_test, dev, channels_last=channels_last, tta=ft.tta)  # the one test pass
         return {"history": history, "best_epoch": first + res.best_epoch, "best_val_auc": res.best_val_auc,
                 "prob": prob, "n_train": len(tr_idx), "n_val": len(va_idx), "seconds": time.time() - t0,
