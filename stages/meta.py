@@ -134,6 +134,13 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         distributed.all_reduce_sum([tot])
         return tot[0].item() / m.val_tasks, tot[1].item() / m.val_tasks
 
+    start_acc = None
+    if start == 0 and m.iterations:
+        # the same validation tasks before any meta-training: the reference the checkpoints are read against
+        # (reported, not a candidate: the meta arm stays a meta-trained initialisation); not in meta_seconds
+        vl0, start_acc = validate()
+        mlflow.log_metrics({"meta_val_loss": vl0, "meta_val_acc": start_acc, "meta_val_start_acc": start_acc}, step=0)
+        print(f"[meta] before meta-training: meta-val accuracy {start_acc:.3f}", flush=True)
     t0 = time.time()
     bar = tqdm(range(start, m.iterations), desc=f"meta/{m.algorithm}", initial=start, total=m.iterations,
                dynamic_ncols=True)
@@ -197,5 +204,6 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     if m.algorithm == "metasgd":
         lrs = torch.cat([p.detach().flatten() for p in learner.lrs.parameters()])
         mlflow.log_metrics({"metasgd_lr_mean": lrs.mean().item(), "metasgd_lr_std": lrs.std().item()})
-    print(f"[meta] done: best meta-val accuracy {best_acc:.3f}", flush=True)
+    print(f"[meta] done: best meta-val accuracy {best_acc:.3f}"
+          + (f" (before meta-training {start_acc:.3f})" if start_acc is not None else ""), flush=True)
     return {"checkpoint_uri": mlflow.get_artifact_uri("checkpoint/model.pt"), "algorithm": m.algorithm}

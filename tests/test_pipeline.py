@@ -58,6 +58,10 @@ def test_all_stages_make_parent_and_four_finished_children(smoke):
         assert r.data.params["meta.algorithm"] == "reptile"
         assert r.data.tags["pipeline.code_version"] and "mlflow.source.git.commit" in r.data.tags
     assert children["backbone"].data.tags["weights_sha256"].startswith("57934424")
+    # meta-validation before any meta-training is logged at step 0, the reference for the later checkpoints
+    hist = MlflowClient(smoke["uri"]).get_metric_history(children["meta"].info.run_id, "meta_val_acc")
+    assert [h.step for h in hist] == [0, 2, 4]
+    assert children["meta"].data.metrics["meta_val_start_acc"] == hist[0].value
     # one nested run per (arm, k, seed) under the finetune stage
     ft = [r for r in rs if r.data.tags.get("mlflow.parentRunId") == children["finetune"].info.run_id]
     names = {r.info.run_name for r in ft}
