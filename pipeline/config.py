@@ -87,6 +87,7 @@ class MetaConfig:
     augment: bool = False
     bn_recalibration_batches: int = 20
     zero_head: bool = True  # start the N-way head at zero: initial loss log(N), no random-head gradients into the body
+    rezero_head: bool = False  # zero the head again after every outer step: only the body is meta-learned
     from_run: str = ""  # explicit backbone run id
 
 

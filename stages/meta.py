@@ -71,10 +71,13 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     # No dropout while meta-learning: adaptation is then a deterministic function of the task, the same
     # whether tasks run in one process or are split across ranks.
     model = build_from_checkpoint(ckpt, num_classes=m.ways, seed=cfg.seed, drop_rate=0.0).to(dev)
-    if m.zero_head:  # labels are permuted per task, so a random head only injects noise into the body
+
+    def zero_classifier() -> None:
         with torch.no_grad():
             for p in model.get_classifier().parameters():
                 p.zero_()
+    if m.zero_head:  # labels are permuted per task, so a random head only injects noise into the body
+        zero_classifier()
     dinfo = resolve_data_info(model)
     pool = load_sources(cfg)
     train_cls = val_cls = None
@@ -168,6 +171,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
             loss, acc = stats.tolist()
         opt.step()
         sched.step()
+        if m.rezero_head:  # a meta-learned head init carries no class information under permuted labels
+            zero_classifier()
         metrics = {"meta_train_loss": loss, "meta_train_acc": acc, "outer_lr": sched.get_last_lr()[0]}
         last = it + 1 == m.iterations
         if (it + 1) % m.val_every == 0 or last:

@@ -476,3 +476,24 @@ def test_meta_stage_runs_each_algorithm(tmp_path, real_data, algorithm, extra):
     if algorithm == "metasgd":
         assert run.data.metrics["metasgd_lr_std"] > 0  # the per-parameter learning rates were learned
     assert run.data.params.get("meta.unroll", "False") == str("meta.unroll=true" in extra)
+
+
+def test_rezero_head_meta_learns_the_body_only(tmp_path, real_data):
+    """meta.rezero_head=true: the N-way head is zero after every outer step, so the checkpoint's head is zero while
+    its body has moved from ImageNet's; without it Reptile moves the head too."""
+    heads = {}
+    for flag in ("true", "false"):
+        d = tmp_path / flag
+        d.mkdir()
+        uri = f"sqlite:///{d / 'mlflow.db'}"
+        cli(["run", "--stage", "backbone,meta", "--config", SMOKE, "--set", f"data.root={real_data}",
+             "--set", "meta.iterations=2", "--set", f"meta.rezero_head={flag}"], d, uri)
+        run, w = final_meta_weights(uri, "fewshot-medmeta-smoke")
+        heads[flag] = [w[k] for k in w if k.startswith("classifier.")]
+        if flag == "true":
+            bb = next(r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "backbone")
+            path = mlflow.artifacts.download_artifacts(f"{bb.info.artifact_uri}/checkpoint/model.pt")
+            start = torch.load(path, weights_only=False)["state_dict"]
+            assert not torch.equal(w["conv_stem.weight"], start["conv_stem.weight"])  # the body was meta-learned
+    assert heads["true"] and all(torch.count_nonzero(h) == 0 for h in heads["true"])
+    assert any(torch.count_nonzero(h) > 0 for h in heads["false"])
