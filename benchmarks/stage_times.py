@@ -61,7 +61,8 @@ def main() -> None:
         print(f"{'stages':<19} {span:8.1f} s from the first start to the last end (stages {total:.1f} s)")
         return
     p = parent.info
-    print(f"pipeline  {p.status:<9} {((p.end_time or p.start_time) - p.start_time) / 1000:8.1f} s (stages {total:.1f} s)")
+    seconds = ((p.end_time or p.start_time) - p.start_time) / 1000
+    print(f"pipeline  {p.status:<9} {seconds:8.1f} s (stages {total:.1f} s)")
 
 
 if __name__ == "__main__":

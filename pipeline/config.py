@@ -81,7 +81,8 @@ class MetaConfig:
     val_every: int = 50
     val_tasks: int = 20
     checkpoint_every: int = 50
-    batched: bool = False  # vmap over a meta-batch's tasks; the per-task loop is faster and far leaner on CPU (benchmark)
+    # vmap over a meta-batch's tasks; the per-task loop is faster and far leaner on CPU (benchmark)
+    batched: bool = False
     unroll: bool = False  # MAML/Meta-SGD: backprop through all inner steps' graphs instead of the leaner reverse sweep
     compile: bool = False  # torch.compile the per-task gradient/HVP functions: faster MAML after minutes of compiling
     augment: bool = False

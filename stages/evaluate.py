@@ -175,7 +175,8 @@ def write_report(res: dict, cfg_dict: dict, out: Path) -> str:
     lines = [f"# Few-shot results on {res['dataset']}", "",
              f"Classes: {', '.join(res['class_names'])}. Mean over seeds with {int(res['ci'] * 100)}% t-interval "
              f"(seeds = paired k-shot subsets; every arm sees the same images).", "",
-             "| arm | k/class | seeds | AUC | accuracy | sensitivity | specificity |", "|---|---:|---:|---|---|---|---|"]
+             "| arm | k/class | seeds | AUC | accuracy | sensitivity | specificity |",
+             "|---|---:|---:|---|---|---|---|"]
     for a in sorted(res["aggregates"], key=lambda a: (a["k"], res["arms"].index(a["arm"]))):
         lines.append(f"| {a['arm']} | {a['k']} | {a['n_seeds']} | {_fmt(a['auc'], *a['auc_ci'])} | "
                      f"{_fmt(a['accuracy'], *a['accuracy_ci'])} | {_fmt(a['sensitivity'], *a['sensitivity_ci'])} | "

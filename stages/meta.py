@@ -39,7 +39,8 @@ def find_resume_state(stage_key: str) -> tuple[str, dict] | None:
     runs = client.search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`pipeline.stage` = 'meta' and tags.`pipeline.stage_key` = '{stage_key}' "
-                      f"and attributes.status != 'FINISHED' and attributes.run_id != '{mlflow.active_run().info.run_id}'",
+                      f"and attributes.status != 'FINISHED' "
+                      f"and attributes.run_id != '{mlflow.active_run().info.run_id}'",
         order_by=["attributes.start_time DESC"], max_results=5)
     for r in runs:
         if r.info.status == "RUNNING":

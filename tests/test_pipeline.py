@@ -374,7 +374,8 @@ def test_predict_with_registered_model_matches_test_predictions(smoke):
     mlflow.set_tracking_uri(smoke["uri"])
     k, s = child.data.params["k"], child.data.params["seed"]
     assert child.data.params["image_size"] == "40"  # smoke.yaml's finetune.image_size, not data.image_size (32)
-    csv = mlflow.artifacts.download_artifacts(run_id=ft.info.run_id, artifact_path=f"predictions/transfer_k{k}_seed{s}.csv")
+    csv = mlflow.artifacts.download_artifacts(run_id=ft.info.run_id,
+                                              artifact_path=f"predictions/transfer_k{k}_seed{s}.csv")
     expected = pd.read_csv(csv)[["prob_0", "prob_1"]].to_numpy()[:5]
     np.testing.assert_allclose(got, expected, atol=2e-4)
     assert mv.tags["best_val_auc"] and float(mv.tags["test_auc"]) > 0
