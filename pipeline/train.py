@@ -78,6 +78,10 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
     head = head.rstrip(".") + "."
     head_p = [p for n, p in model.named_parameters() if n.startswith(head)]
     body_p = [p for n, p in model.named_parameters() if not n.startswith(head)]
+    if ft.zero_head:
+        with torch.no_grad():
+            for p in head_p:
+                p.zero_()
     opt = torch.optim.AdamW([{"params": body_p, "lr": ft.lr_body}, {"params": head_p, "lr": ft.lr_head}],
                             weight_decay=ft.weight_decay)
     warm, total = min(ft.warmup_epochs, ft.epochs), ft.epochs

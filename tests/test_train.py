@@ -1,5 +1,7 @@
 """The fine-tuning recipe (`pipeline.train`) on a tiny model and synthetic images: which weights `fit` keeps,
 the flip test-time augmentation, and self-training on pseudo-labels."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,23 @@ def test_fit_keeps_the_best_auc_epoch_and_breaks_ties_by_validation_loss():
     assert res.best_val_auc == res.history[res.best_epoch]["val_auc"]
     # the model holds that epoch's weights: its validation loss is reproduced exactly
     assert log_loss(va_y, predict_proba(model, x_val, CPU)) == pytest.approx(res.history[res.best_epoch]["val_loss"])
+
+
+def test_zero_head_starts_the_fit_at_zero_logits():
+    # lr_head 0 and a linear probe only: the head stays where fit put it, so the first epoch's loss shows the start
+    train, x_val, va_y, ft = setup(epochs=1)
+    ft = replace(ft, lr_head=0.0, warmup_epochs=1)
+    for zero in (False, True):
+        model = tiny(seed=3, dtype=torch.float32, n_classes=2)
+        before = model.classifier.weight.detach().clone()
+        res = fit(model, train, x_val, va_y, replace(ft, zero_head=zero), CPU, seed=5, head="classifier",
+                  n_classes=2)
+        if zero:  # zero logits: balanced cross-entropy is log(2) for every image, whatever the body outputs
+            assert torch.count_nonzero(model.classifier.weight) == 0 and torch.count_nonzero(model.classifier.bias) == 0
+            assert res.history[0]["train_loss"] == pytest.approx(np.log(2), abs=1e-6)
+        else:
+            assert torch.equal(model.classifier.weight, before)
+            assert abs(res.history[0]["train_loss"] - np.log(2)) > 1e-3
 
 
 def test_flip_tta_averages_logits_and_is_flip_invariant():
