@@ -52,6 +52,10 @@ def main() -> None:
             rates = [c.data.metrics["train_images_per_s"] for c in children if "train_images_per_s" in c.data.metrics]
             if rates:
                 extra += f", {len(children)} runs, train_images_per_s mean={sum(rates) / len(rates):.1f}"
+            fit_s = sorted(c.data.metrics["seconds"] for c in children if "seconds" in c.data.metrics)
+            if fit_s:  # each job's own training time, on whichever process trained it
+                extra += (f", seconds per run min/median/max={fit_s[0]:.1f}/{fit_s[len(fit_s) // 2]:.1f}/"
+                          f"{fit_s[-1]:.1f} (sum {sum(fit_s):.1f})")
         print(f"{r.data.tags['pipeline.stage']:<9} {r.info.status:<9} {secs:8.1f} s  {r.data.tags.get('device', '')}  "
               f"{extra}")
     if parent is None:
