@@ -114,7 +114,7 @@ class FinetuneConfig:
     class_balance: bool = True  # class-weighted loss against imbalance
     label_smoothing: float = 0.0  # cross-entropy label smoothing (against over-confident few-shot models)
     # start every fine-tune's head at zero (initial loss log(C)) instead of timm's init, which for a 2-class head on
-    # 1280 features draws weights up to +-0.71 and starts the linear probe at logits of about +-15
+    # 1280 features draws weights up to +-0.71: initial logits 23-34 apart, loss 11-15 (benchmarks/head_init.py)
     zero_head: bool = True
     patience: int = 10  # early stopping on validation AUC
     # Semi-supervised self-training (off at 0): the fine-tuned model (teacher) pseudo-labels unlabelled images of the
