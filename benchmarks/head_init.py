@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
+from pipeline.backbone import create_backbone, resolve_data_info, zero_head  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.train import stack_inputs  # noqa: E402
@@ -41,10 +41,7 @@ def main() -> None:
     y = torch.as_tensor(va.labels[idx])
     for name in ("timm init", "zero head"):
         if name == "zero head":
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n.startswith(head_prefix(model)):
-                        p.zero_()
+            zero_head(model)
         with torch.no_grad():
             z = model.eval()(x)
         print(f"{name:<10} logit std {z.std().item():7.3f}  mean |z1 - z0| {(z[:, 1] - z[:, 0]).abs().mean().item():7.3f}"

@@ -154,6 +154,16 @@ def head_prefix(model: nn.Module) -> str:
     return name if isinstance(name, str) else name[0]
 
 
+def zero_head(model: nn.Module, prefix: str | None = None) -> None:
+    """Zero the classifier's parameters in place (the module named `prefix`, default `head_prefix(model)`): zero
+    logits, a balanced loss of log(N), and no gradient from a random head into the body on the first steps."""
+    prefix = (prefix or head_prefix(model)).rstrip(".") + "."
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith(prefix):
+                p.zero_()
+
+
 def resolve_data_info(model: nn.Module) -> dict[str, Any]:
     cfg = timm.data.resolve_model_data_config(model)
     return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg["interpolation"],

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from .backbone import head_prefix
+from .backbone import head_prefix, zero_head
 from .config import FinetuneConfig
 from .data import DataError, ImageDataset, Split
 from .device import autocast, to_memory_format
@@ -79,9 +79,7 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
     head_p = [p for n, p in model.named_parameters() if n.startswith(head)]
     body_p = [p for n, p in model.named_parameters() if not n.startswith(head)]
     if ft.zero_head:
-        with torch.no_grad():
-            for p in head_p:
-                p.zero_()
+        zero_head(model, head)
     opt = torch.optim.AdamW([{"params": body_p, "lr": ft.lr_body}, {"params": head_p, "lr": ft.lr_head}],
                             weight_decay=ft.weight_decay)
     warm, total = min(ft.warmup_epochs, ft.epochs), ft.epochs

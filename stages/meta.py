@@ -15,7 +15,8 @@ import mlflow
 import torch
 from tqdm import tqdm
 
-from pipeline.backbone import build_from_checkpoint, head_prefix, load_checkpoint, resolve_data_info, save_checkpoint
+from pipeline.backbone import (build_from_checkpoint, head_prefix, load_checkpoint, resolve_data_info, save_checkpoint,
+                               zero_head)
 from pipeline.config import PipelineConfig
 from pipeline.data import load_sources
 from pipeline.device import autocast, configure, device_name, resolve_device, use_channels_last
@@ -73,12 +74,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     # whether tasks run in one process or are split across ranks.
     model = build_from_checkpoint(ckpt, num_classes=m.ways, seed=cfg.seed, drop_rate=0.0).to(dev)
 
-    def zero_classifier() -> None:
-        with torch.no_grad():
-            for p in model.get_classifier().parameters():
-                p.zero_()
     if m.zero_head:  # labels are permuted per task, so a random head only injects noise into the body
-        zero_classifier()
+        zero_head(model)
     dinfo = resolve_data_info(model)
     pool = load_sources(cfg)
     train_cls = val_cls = None
@@ -173,7 +170,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         opt.step()
         sched.step()
         if m.rezero_head:  # a meta-learned head init carries no class information under permuted labels
-            zero_classifier()
+            zero_head(model)
         metrics = {"meta_train_loss": loss, "meta_train_acc": acc, "outer_lr": sched.get_last_lr()[0]}
         last = it + 1 == m.iterations
         if (it + 1) % m.val_every == 0 or last:

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from pipeline.backbone import (WeightsError, build_from_checkpoint, create_backbone, load_checkpoint,
-                               rename_lukemelas_keys, resolve_data_info, save_checkpoint)
+                               rename_lukemelas_keys, resolve_data_info, save_checkpoint, zero_head)
 from pipeline.transforms import build_transform
 
 
@@ -62,6 +62,20 @@ def test_random_init_is_not_imagenet():
     assert source == "none"
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert torch.all(bn.running_var == 1)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "convnext_atto"])
+def test_zero_head_zeroes_the_classifier_only(name):
+    # convnext's classifier is nested ('head.fc' beside 'head.norm'): the prefix must not catch its neighbours
+    model = timm.create_model(name, pretrained=False, num_classes=3).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zero_head(model)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    assert head and all(torch.count_nonzero(p) == 0 for p in model.get_classifier().parameters())
+    assert any(torch.count_nonzero(p) > 0 for n, p in before.items() if id(dict(model.named_parameters())[n]) in head)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if id(p) not in head)  # body untouched
+    with torch.no_grad():
+        assert torch.count_nonzero(model(torch.randn(2, 3, 32, 32))) == 0
 
 
 def test_weights_file_and_new_head(tmp_path, imagenet):
