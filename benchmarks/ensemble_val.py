@@ -7,12 +7,13 @@ preprocessing stored beside the model (flip TTA included if the model was scored
 ensemble with each member arm, paired by (k, seed). The test split is not read.
 
     python benchmarks/ensemble_val.py --run <finetune run id> [--run [<tag>=]<another>]
-        [--members a,b [--members c,d]] [--config configs/default.yaml] [--set key=value]
+        [--members a,b [--members c,d]] [--compare a,b] [--config configs/default.yaml] [--set key=value]
 
 A run given as `<tag>=<run id>` has its arms named `<tag>.<arm>`, as `evaluate.merge_runs` names them (e.g.
 `lite2=<id>` for another backbone's transfer arm, `lite2.transfer`). The config only has to describe the same
 target data set as the finetune run (`data.*`). Prints one JSON line per (k, seed) and a summary per k and pooled:
-mean validation AUC per arm and the paired ensemble-minus-arm difference.
+mean validation AUC per arm and the paired ensemble-minus-arm difference; `--compare a,b` adds the paired a-minus-b
+difference of two arms (e.g. a meta arm against the transfer arm it is meant to beat).
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ from pipeline.transforms import build_transform  # noqa: E402
 from stages.evaluate import ensemble_members  # noqa: E402
 
 
-def summarise(rows: list[dict], ensembles: dict[str, list[str]]) -> str:
-    """Mean validation AUC per arm and ensemble, the paired ensemble-minus-member differences and, for two or more
-    ensembles, the paired difference of each later ensemble from the first; per k and pooled."""
-    members = list(dict.fromkeys(a for m in ensembles.values() for a in m))
+def summarise(rows: list[dict], ensembles: dict[str, list[str]], compare: list[tuple[str, str]] = ()) -> str:
+    """Mean validation AUC per arm and ensemble, the paired ensemble-minus-member differences, for two or more
+    ensembles the paired difference of each later ensemble from the first, and each `compare` pair's a-minus-b;
+    per k and pooled."""
+    members = list(dict.fromkeys([a for m in ensembles.values() for a in m] + [a for c in compare for a in c]))
     lines = []
     for k in sorted({r["k"] for r in rows}) + ["all"]:
         g = [r for r in rows if k == "all" or r["k"] == k]
@@ -49,6 +51,7 @@ def summarise(rows: list[dict], ensembles: dict[str, list[str]]) -> str:
         lines.append(f"k={k} (n={len(g)}) val AUC: {head}")
         pairs = [(e, a) for e, m in ensembles.items() for a in m]
         pairs += [(e, next(iter(ensembles))) for e in list(ensembles)[1:]]
+        pairs += list(compare)
         for e, a in pairs:
             c = paired_comparison(np.array([r[e] for r in g]), np.array([r[a] for r in g]))
             up = sum(r[e] > r[a] for r in g)
@@ -65,6 +68,8 @@ def main() -> None:
     ap.add_argument("--members", action="append", default=[],
                     help="arms of one ensemble, comma-separated (e.g. transfer,transfer.r1); repeat for several "
                          "ensembles, the first is the reference; default: transfer and every meta-* arm")
+    ap.add_argument("--compare", action="append", default=[],
+                    help="two arms 'a,b': also print the paired a-minus-b validation AUC; repeatable")
     ap.add_argument("--config", default=None)
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = ap.parse_args()
@@ -91,7 +96,11 @@ def main() -> None:
     for name, m in ensembles.items():
         if len(m) < 2 or set(m) - set(arms):
             sys.exit(f"{name}: members {m} must be at least two of the runs' arms {arms}")
-    members = list(dict.fromkeys(a for m in ensembles.values() for a in m))
+    compare = [tuple(c.split(",")) for c in args.compare]
+    for c in compare:
+        if len(c) != 2 or set(c) - set(arms):
+            sys.exit(f"--compare {','.join(c)}: give two of the runs' arms {arms}, comma-separated")
+    members = list(dict.fromkeys([a for m in ensembles.values() for a in m] + [a for c in compare for a in c]))
     va = load_target(cfg).splits["val"]
     torch.manual_seed(0)
     inputs: dict[tuple, torch.Tensor] = {}  # one stacked val tensor per preprocessing spec
@@ -117,7 +126,7 @@ def main() -> None:
             row[name] = round(classification_metrics(va.labels, np.mean([p[a] for a in m], 0))["auc"], 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(summarise(rows, ensembles), f"(finetune runs {', '.join(args.run)}, {len(va.labels)} validation images)",
+    print(summarise(rows, ensembles, compare), f"(finetune runs {', '.join(args.run)}, {len(va.labels)} validation images)",
           flush=True)
 
 
