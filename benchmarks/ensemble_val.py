@@ -126,8 +126,8 @@ def main() -> None:
             row[name] = round(classification_metrics(va.labels, np.mean([p[a] for a in m], 0))["auc"], 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(summarise(rows, ensembles, compare), f"(finetune runs {', '.join(args.run)}, {len(va.labels)} validation images)",
-          flush=True)
+    print(summarise(rows, ensembles, compare),
+          f"(finetune runs {', '.join(args.run)}, {len(va.labels)} validation images)", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,9 +71,10 @@ def test_zero_head_zeroes_the_classifier_only(name):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     zero_head(model)
     head = {id(p) for p in model.get_classifier().parameters()}
-    assert head and all(torch.count_nonzero(p) == 0 for p in model.get_classifier().parameters())
-    assert any(torch.count_nonzero(p) > 0 for n, p in before.items() if id(dict(model.named_parameters())[n]) in head)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if id(p) not in head)  # body untouched
+    params = dict(model.named_parameters())
+    assert head and all(torch.count_nonzero(params[n]) == 0 for n in params if id(params[n]) in head)
+    assert any(torch.count_nonzero(before[n]) > 0 for n in params if id(params[n]) in head)  # it was not zero before
+    assert all(torch.equal(params[n], before[n]) for n in params if id(params[n]) not in head)  # body untouched
     with torch.no_grad():
         assert torch.count_nonzero(model(torch.randn(2, 3, 32, 32))) == 0
 
