@@ -6,13 +6,14 @@ their own tracking calls to a throwaway store, so stage code needs no rank check
 from __future__ import annotations
 
 import os
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .scratch import scratch_dir
 
 
 def world() -> tuple[int, int]:
@@ -85,4 +86,4 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
 
 def side_store() -> Path:
     """Folder of a private throwaway MLflow store for ranks other than 0."""
-    return Path(tempfile.mkdtemp(prefix=f"rank{world()[0]}-mlruns-"))
+    return scratch_dir(f"rank{world()[0]}-mlruns-")

@@ -17,6 +17,7 @@ import torch
 
 from . import distributed
 from .config import PipelineConfig, parse_arm, parse_merge_run
+from .scratch import clean_scratch
 from .tracking import (code_version, find_finished_run, git_commit, log_config, main_client, run_outputs,
                        setup_tracking, tracked_run)
 
@@ -167,4 +168,7 @@ class Runner:
 def run_pipeline(cfg: PipelineConfig, stages: list[str], force: bool = False, resume: bool = True
                  ) -> dict[str, dict[str, str]]:
     """Run `stages` (in pipeline order); returns each stage's outputs (run_id plus artifact URIs)."""
-    return Runner(cfg, force, resume).run(stages)
+    try:
+        return Runner(cfg, force, resume).run(stages)
+    finally:
+        clean_scratch()  # outputs are run ids and artifact URIs, never scratch paths

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Iterator
 import mlflow
 import yaml
 from mlflow.entities import Run
+
+from .scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -134,4 +135,4 @@ def run_outputs(run: Run) -> dict[str, str]:
 
 
 def download(uri: str, dst: str | None = None) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst or tempfile.mkdtemp()))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst or str(scratch_dir("download-"))))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 from pipeline.config import PipelineConfig, is_replica, parse_ensemble, tagged_arm  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
+from pipeline.scratch import scratch_dir  # noqa: E402
 from pipeline.tracking import download  # noqa: E402
 
 
@@ -276,7 +276,7 @@ def summary_metrics(res: dict) -> dict[str, float]:
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     ev = cfg.evaluate
     src = download(inputs["finetune"]["predictions_uri"])
-    out = Path(tempfile.mkdtemp(prefix="evaluate-"))
+    out = scratch_dir("evaluate-")
     pred_dir = out / "predictions"
     shutil.copytree(src, pred_dir)
     for other in inputs.get("merge", []):  # resolved and checked by the orchestrator (evaluate.merge_runs)

@@ -3,7 +3,6 @@ k-shot subsets; each (arm, k, seed) is a nested run; test predictions are made o
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipeline.data import DataError, ImageDataset, load_target, sample_kshot
 from pipeline.device import configure, device_name, resolve_device, use_channels_last
 from pipeline.metrics import classification_metrics
 from pipeline.predict import PREPROCESS_FILE, preprocess_spec
+from pipeline.scratch import scratch_dir
 from pipeline.tracking import download
 from pipeline.train import fit, predict_proba, self_train_rounds, stack_inputs
 from pipeline.transforms import AlbumentationsTransform, build_transform
@@ -152,7 +152,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                         f"model selection needs every class in val")
     mlflow.log_params({"target.classes": json.dumps(target.class_names), "target.source": target.source,
                        "target.n_test": len(te)})
-    out_dir = Path(tempfile.mkdtemp(prefix="finetune-")) / "predictions"
+    out_dir = scratch_dir("finetune-") / "predictions"
     out_dir.mkdir()
     spec = preprocess_spec(size, dinfo["mean"], dinfo["std"], target.class_names, model_name, tta=ft.tta)
     example = eval_t(te.images[0])[None].numpy()

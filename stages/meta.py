@@ -7,7 +7,6 @@ continues from there and ends with the same weights as an uninterrupted run (on 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data import load_sources
 from pipeline.device import autocast, configure, device_name, resolve_device, use_channels_last
 from pipeline.meta import MetaLearner, recalibrate_bn
+from pipeline.scratch import scratch_dir
 from pipeline.tasks import EpisodeSampler, split_classes
 from pipeline import distributed
 from pipeline.tracking import download, main_client
@@ -118,7 +118,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         mlflow.set_tag("resumed_from", rid)
         print(f"[meta] resuming run {rid} at iteration {start}/{m.iterations}", flush=True)
 
-    work = Path(tempfile.mkdtemp(prefix="meta-"))
+    work = scratch_dir("meta-")
 
     def validate() -> tuple[float, float]:
         """Mean loss and accuracy over the fixed validation tasks; under torchrun each process adapts to its share

@@ -29,6 +29,11 @@ def cli(args, cwd, uri, check=True, env=None, **kw):
     return p
 
 
+def leftovers(tmpdir: Path) -> list[str]:
+    """What a pipeline process left in its $TMPDIR, but for torch's (empty, shared) inductor cache folder."""
+    return sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*") if not p.name.startswith("torchinductor_"))
+
+
 def runs(uri, experiment):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -40,9 +45,12 @@ def smoke(tmp_path_factory, real_data):
     tmp = tmp_path_factory.mktemp("smoke")
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
     (tmp / "mlruns").mkdir()
+    (tmp / "tmpdir").mkdir()
     t0 = time.time()
-    p = cli(["run", "--stage", "all", "--config", SMOKE, "--set", f"data.root={real_data}"], tmp, uri)
-    return {"dir": tmp, "uri": uri, "stdout": p.stdout, "seconds": time.time() - t0, "root": real_data}
+    p = cli(["run", "--stage", "all", "--config", SMOKE, "--set", f"data.root={real_data}"], tmp, uri,
+            env={"TMPDIR": str(tmp / "tmpdir")})
+    return {"dir": tmp, "uri": uri, "stdout": p.stdout, "seconds": time.time() - t0, "root": real_data,
+            "tmpdir": tmp / "tmpdir"}
 
 
 def test_all_stages_make_parent_and_four_finished_children(smoke):
@@ -71,6 +79,9 @@ def test_all_stages_make_parent_and_four_finished_children(smoke):
     # summary metrics on the parent, lined up for the compare view
     summary = {"auc_k20_transfer", "auc_k20_scratch", "auc_k5_meta-reptile", "auc_k20_ensemble"}
     assert summary <= set(parents[0].data.metrics)
+    # downloads, checkpoints and reports were written to scratch space and removed at the end (they once filled
+    # the disk: gigabytes of meta checkpoints over a study)
+    assert leftovers(smoke["tmpdir"]) == []
     print(f"smoke --stage all took {smoke['seconds']:.1f}s")
 
 
@@ -162,9 +173,12 @@ def test_same_config_and_seed_give_identical_metrics(smoke):
 ])
 def test_bad_input_fails_cleanly_with_no_run_left_running(tmp_path, real_data, override, msg):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "tmpdir").mkdir()
     p = cli(["run", "--stage", "backbone,finetune", "--config", SMOKE, "--set", f"data.root={real_data}",
-             "--set", "finetune.arms=[transfer]", "--set", override], tmp_path, uri, check=False)
+             "--set", "finetune.arms=[transfer]", "--set", override], tmp_path, uri, check=False,
+            env={"TMPDIR": str(tmp_path / "tmpdir")})
     assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
+    assert leftovers(tmp_path / "tmpdir") == []
     rs = runs(uri, "fewshot-medmeta-smoke")
     status = {r.data.tags.get("pipeline.stage"): r.info.status for r in rs}
     assert status == {"pipeline": "FAILED", "backbone": "FINISHED", "finetune": "FAILED"}
@@ -226,7 +240,8 @@ def test_meta_interrupted_by_sigterm_resumes_to_the_same_weights(tmp_path, real_
     uri_b = f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
     (tmp_path / "b").mkdir()
     cli(["run", "--stage", "backbone", *META, *root], tmp_path / "b", uri_b)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri_b}
+    (tmp_path / "tmpdir").mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri_b, "TMPDIR": str(tmp_path / "tmpdir")}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "meta", *META, *root],
                             cwd=tmp_path / "b", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -238,6 +253,7 @@ def test_meta_interrupted_by_sigterm_resumes_to_the_same_weights(tmp_path, real_
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
+    assert leftovers(tmp_path / "tmpdir") == []  # the checkpoint written before the signal is not left behind
     killed = [r for r in runs(uri_b, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "meta"]
     assert [r.info.status for r in killed] == ["KILLED"]
     p = cli(["run", "--stage", "meta", *META, *root], tmp_path / "b", uri_b)

@@ -1,0 +1,42 @@
+"""Scratch space is one folder per process, removed by clean_scratch (and at exit), never a parent's from a fork."""
+import os
+import subprocess
+import sys
+
+from pipeline.scratch import clean_scratch, scratch_dir
+
+
+def test_scratch_dirs_share_one_root_that_clean_removes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read $TMPDIR
+    clean_scratch()
+    a, b = scratch_dir("meta-"), scratch_dir("download-")
+    assert a != b and a.parent == b.parent and a.parent.parent == tmp_path
+    assert a.name.startswith("meta-") and a.is_dir() and not any(a.iterdir())
+    (a / "last.pt").write_bytes(b"x" * 1000)
+    clean_scratch()
+    assert list(tmp_path.iterdir()) == []
+    c = scratch_dir()  # a new root after cleaning
+    assert c.is_dir() and c.parent.parent == tmp_path
+    clean_scratch()
+
+
+def test_forked_child_leaves_the_parents_scratch(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    mine = scratch_dir("parent-")
+    pid = os.fork()
+    if pid == 0:  # a data-loader worker, say: its own scratch and clean-up
+        child = scratch_dir("child-")
+        clean_scratch()
+        os._exit(0 if not child.exists() and mine.exists() else 1)
+    assert os.waitpid(pid, 0)[1] == 0 and mine.is_dir()
+    clean_scratch()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_process_exit_removes_scratch(tmp_path):
+    code = "from pipeline.scratch import scratch_dir; d = scratch_dir('x-'); (d / 'f').write_text('1'); print(d)"
+    p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp_path)},
+                       capture_output=True, text=True, check=True)
+    assert p.stdout.strip().startswith(str(tmp_path)) and list(tmp_path.iterdir()) == []
