@@ -1,9 +1,10 @@
 """Wall time, peak GPU memory and throughput of each stage run of the latest `--stage all` pipeline run in an
 MLflow store (what the README's GPU table reports). With --standalone: the latest top-level run of each stage
-instead, for stages run one at a time (e.g. meta and finetune under torchrun).
+instead, for stages run one at a time (e.g. meta and finetune under torchrun). With --run: that run (a pipeline
+run: its stage runs; a stage run: it alone), for any run of the store, not only the latest.
 
     python benchmarks/stage_times.py [--experiment fewshot-medmeta-gpu] [--tracking-uri sqlite:///mlruns/mlflow.db]
-                                     [--standalone]
+                                     [--standalone | --run RUN_ID]
 """
 from __future__ import annotations
 
@@ -24,13 +25,27 @@ def main() -> None:
     ap.add_argument("--experiment", default="fewshot-medmeta-gpu")
     ap.add_argument("--tracking-uri", default="")
     ap.add_argument("--standalone", action="store_true", help="latest top-level run of each stage, no parent run")
+    ap.add_argument("--run", default="", help="this pipeline or stage run instead of the latest (any experiment)")
     args = ap.parse_args()
     client = MlflowClient(args.tracking_uri or default_tracking_uri())
-    exp = client.get_experiment_by_name(args.experiment)
-    if exp is None:
-        sys.exit(f"no experiment {args.experiment!r} in {client.tracking_uri}")
-    runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attributes.start_time DESC"])
-    if args.standalone:
+    if args.run:
+        try:
+            chosen = client.get_run(args.run)
+        except Exception as e:  # unknown id: MLflow's RESOURCE_DOES_NOT_EXIST
+            sys.exit(f"no run {args.run!r} in {client.tracking_uri} ({e})")
+        exp_id = chosen.info.experiment_id
+    else:
+        exp = client.get_experiment_by_name(args.experiment)
+        if exp is None:
+            sys.exit(f"no experiment {args.experiment!r} in {client.tracking_uri}")
+        exp_id = exp.experiment_id
+    runs = client.search_runs([exp_id], max_results=5000, order_by=["attributes.start_time DESC"])
+    if args.run:
+        parent = chosen if chosen.data.tags.get("pipeline.stage") == "pipeline" else None
+        stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == args.run] if parent else [chosen]
+        if not stages:
+            sys.exit(f"pipeline run {args.run} has no stage runs")
+    elif args.standalone:
         parent = None
         top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         stages = [r for r in (next((r for r in top if r.data.tags.get("pipeline.stage") == s), None)
