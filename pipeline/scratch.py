@@ -25,25 +25,21 @@ def _host() -> str:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's live process
-        return True
+    except PermissionError:  # another user's live process
+        pass
     return True
 
 
-def remove_stale_scratch(parent: Path | None = None) -> list[Path]:
-    """Remove scratch roots in `parent` (default: the temp folder) left by dead processes of this host."""
-    parent = Path(parent or tempfile.gettempdir())
+def remove_stale_scratch() -> None:
+    """Remove scratch roots in the temp folder left by dead processes of this host."""
     pat = re.compile(rf"^pipeline-{re.escape(_host())}-(\d+)-")
-    gone = []
-    for d in parent.glob(f"pipeline-{_host()}-*"):
+    for d in Path(tempfile.gettempdir()).glob(f"pipeline-{_host()}-*"):
         m = pat.match(d.name)
         if m and d.is_dir() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
-    return gone
 
 
 def scratch_dir(prefix: str = "") -> Path:
