@@ -32,7 +32,8 @@ from pipeline.device import configure, resolve_device  # noqa: E402
 from pipeline.metrics import classification_metrics, mean_ci, paired_comparison  # noqa: E402
 from pipeline.train import fit, log_loss, predict_proba, self_train_rounds, stack_inputs  # noqa: E402
 from pipeline.transforms import build_transform  # noqa: E402
-from stages.finetune import build_arm_model, build_job_transform, job_subsets, selection_size  # noqa: E402
+from stages.finetune import (build_arm_model, build_job_transform, job_subsets, selection_size,  # noqa: E402
+                             student_transform)
 
 
 def summarise(rows: list[dict]) -> str:
@@ -121,7 +122,8 @@ def main() -> None:
             # self-training, as the stage does it; the row then describes the last student
             model, res, _, _, _, diag = self_train_rounds(
                 model, res, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed), ft, tr, tr_idx, ev,
-                train_t, x_sel, y_sel, dev, seed=split_seed, n_classes=C, before_round=score_teacher)
+                student_transform(ft, train_t, size, d, split_seed), x_sel, y_sel, dev, seed=split_seed, n_classes=C,
+                before_round=score_teacher)
             row |= {"best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
                     **{key: round(v, 4) for key, v in diag.items()}}
         row |= scores(model)

@@ -125,9 +125,19 @@ def build_arm_model(ckpt: dict | None, model_name: str, n_classes: int, split_se
     return build_from_checkpoint(ckpt, n_classes, seed=init_seed)
 
 
-def build_job_transform(ft: FinetuneConfig, size: int, dinfo: dict, split_seed: int) -> AlbumentationsTransform:
-    """A job's training transform: the recipe's augmentation (and flips, if asked), seeded by the split seed."""
-    return build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed, hflip=ft.hflip)
+def build_job_transform(ft: FinetuneConfig, size: int, dinfo: dict, split_seed: int,
+                        student: bool = False) -> AlbumentationsTransform:
+    """A job's training transform: the recipe's augmentation (and flips, if asked), seeded by the split seed;
+    `student=True` gives the strong one (`finetune.pseudo_augment=strong`, noisy-student self-training)."""
+    return build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed, hflip=ft.hflip,
+                           strong=student)
+
+
+def student_transform(ft: FinetuneConfig, train_t: AlbumentationsTransform, size: int, dinfo: dict,
+                      split_seed: int) -> AlbumentationsTransform:
+    """The self-training student's transform: the teacher's own (its random stream continuing, as before the
+    option existed) for `pseudo_augment=recipe`, a fresh strong one for `strong`."""
+    return build_job_transform(ft, size, dinfo, split_seed, student=True) if ft.pseudo_augment == "strong" else train_t
 
 
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
@@ -187,7 +197,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                 extra["teacher_val_auc" if rnd == 0 else f"round{rnd}_val_auc"] = teacher_fit.best_val_auc
             # self-training: the fine-tuned model becomes the teacher; its student (after the last round) is final
             model, res, history, seen, first, diag = self_train_rounds(
-                model, res, lambda: build_arm_model(arms[arm], model_name, C, rs), ft, tr, tr_idx, eval_t, train_t,
+                model, res, lambda: build_arm_model(arms[arm], model_name, C, rs), ft, tr, tr_idx, eval_t,
+                student_transform(ft, train_t, size, dinfo, rs),
                 x_sel, y_sel, dev, seed=rs, n_classes=C, before_round=note_teacher, on_epoch=on_epoch,
                 channels_last=channels_last, num_workers=cfg.num_workers, compile=cfg.compile)
             extra |= diag
@@ -208,7 +219,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
                            "epochs": ft.epochs, "lr_body": ft.lr_body, "lr_head": ft.lr_head,
                            "warmup_epochs": ft.warmup_epochs, "image_size": size, "hflip": ft.hflip,
                            "tta": ft.tta, "label_smoothing": ft.label_smoothing,
-                           "pseudo_per_class": ft.pseudo_per_class, "pseudo_rounds": ft.pseudo_rounds})
+                           "pseudo_per_class": ft.pseudo_per_class, "pseudo_rounds": ft.pseudo_rounds,
+                           "pseudo_augment": ft.pseudo_augment})
         fname = f"{arm}_k{k}_seed{s}.csv"
         df = pd.DataFrame(res["prob"], columns=[f"prob_{c}" for c in target.class_names])
         df.insert(0, "label", te.labels)

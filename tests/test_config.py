@@ -42,6 +42,7 @@ def test_overrides_are_typed():
     ("finetune.label_smoothing=-0.1", "finetune.label_smoothing' must be in [0, 1"),
     ("finetune.pseudo_per_class=-1", "finetune.pseudo_per_class' must be >= 0"),
     ("finetune.pseudo_rounds=0", "finetune.pseudo_rounds' must be >= 1"),
+    ("finetune.pseudo_augment=randaugment", "finetune.pseudo_augment': 'randaugment' is not one of"),
     ("finetune.first_seed=-1", "finetune.first_seed' must be >= 0"),
     ("finetune.arms=[transfer.r0]", "unknown arm 'transfer.r0'"),
     ("finetune.arms=[transfer.rx]", "unknown arm 'transfer.rx'"),

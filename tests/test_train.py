@@ -87,6 +87,34 @@ def test_hflip_is_only_in_the_train_transform_when_asked():
     assert "HorizontalFlip" not in names(train=False, hflip=True)
 
 
+def test_strong_augmentation_changes_images_more_and_only_for_training():
+    def names(**kw):
+        return [type(t).__name__ for t in build_transform(16, (0.5,) * 3, (0.5,) * 3, **kw).compose.transforms]
+    assert {"CLAHE", "GaussNoise", "CoarseDropout"} <= set(names(train=True, strong=True))
+    assert not {"CLAHE", "GaussNoise", "CoarseDropout"} & set(names(train=True))
+    assert names(train=False, strong=True) == names(train=False)
+    # a smooth image (a radiograph's scale of detail): mean distance of 200 augmented copies from the plain one
+    yy, xx = np.mgrid[0:32, 0:32]
+    image = np.repeat((60 + 3 * xx + 2 * yy).astype(np.uint8)[..., None], 3, axis=2)
+    plain = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=False)(image)
+
+    def spread(strong: bool) -> float:
+        t = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, seed=0, strong=strong)
+        return float(np.mean([(t(image) - plain).abs().mean().item() for _ in range(200)]))
+    weak, strong = spread(False), spread(True)
+    assert 0 < weak and strong > 1.5 * weak, (weak, strong)
+
+
+def test_student_transform_is_the_teachers_unless_strong():
+    from stages.finetune import student_transform
+    d = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    ft = FinetuneConfig()
+    teacher_t = build_transform(16, d["mean"], d["std"], train=True, seed=3)
+    assert student_transform(ft, teacher_t, 16, d, 3) is teacher_t  # runs before the option are reproduced
+    strong = student_transform(replace(ft, pseudo_augment="strong"), teacher_t, 16, d, 3)
+    assert strong is not teacher_t and "CoarseDropout" in [type(t).__name__ for t in strong.compose.transforms]
+
+
 def test_unlabelled_pool_leaves_out_the_labelled_subset_and_is_seeded():
     labelled = np.array([0, 3, 7])
     pool = unlabelled_pool(20, labelled, 10, seed=4)
