@@ -125,9 +125,9 @@ class FinetuneConfig:
     pseudo_epochs: int = 10  # the student's epochs (each one pass over labelled + pseudo-labelled images)
     pseudo_warmup_epochs: int = 2  # the student's linear-probe epochs
     pseudo_rounds: int = 1  # rounds of self-training: from the second on, the last student is the teacher
-    # the student's augmentation: "recipe" (the teacher's) or "strong" (noisy student: wider ranges, CLAHE, noise,
-    # cut-out; pipeline/transforms.py), so the student learns more than the teacher's view of the images
-    pseudo_augment: str = "recipe"
+    # the student's augmentation: "strong" (noisy student: wider ranges, CLAHE, noise, cut-out; pipeline/transforms.py;
+    # chosen on validation at k=20 and k=100, README "Noisy-student self-training") or "recipe" (the teacher's)
+    pseudo_augment: str = "strong"
     min_steps_per_epoch: int = 4  # tiny k: repeat the set so an epoch has a few steps
     log_models: bool = True  # log every final model with mlflow.pytorch (signature, input example, preprocessing)
     registry_name: str = "fewshot-medmeta"  # register each arm's best-by-validation model as <name>-<arm>; "" = off

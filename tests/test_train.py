@@ -110,8 +110,9 @@ def test_student_transform_is_the_teachers_unless_strong():
     d = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
     ft = FinetuneConfig()
     teacher_t = build_transform(16, d["mean"], d["std"], train=True, seed=3)
-    assert student_transform(ft, teacher_t, 16, d, 3) is teacher_t  # runs before the option are reproduced
-    strong = student_transform(replace(ft, pseudo_augment="strong"), teacher_t, 16, d, 3)
+    # runs before the option are reproduced with pseudo_augment=recipe
+    assert student_transform(replace(ft, pseudo_augment="recipe"), teacher_t, 16, d, 3) is teacher_t
+    strong = student_transform(ft, teacher_t, 16, d, 3)  # the default
     assert strong is not teacher_t and "CoarseDropout" in [type(t).__name__ for t in strong.compose.transforms]
 
 
