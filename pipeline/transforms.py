@@ -44,8 +44,6 @@ def build_transform(size: int, mean: Sequence[float], std: Sequence[float], trai
             A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
                             hole_width_range=(0.05, 0.15), fill=0, p=0.5),
         ]
-        if hflip:
-            aug.insert(0, A.HorizontalFlip(p=0.5))
     elif train:
         aug = [
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10),
@@ -54,7 +52,7 @@ def build_transform(size: int, mean: Sequence[float], std: Sequence[float], trai
             A.RandomGamma(gamma_limit=(85, 115), p=0.3),
             A.GaussianBlur(blur_limit=(3, 3), p=0.1),
         ]
-        if hflip:
-            aug.insert(0, A.HorizontalFlip(p=0.5))
+    if train and hflip:
+        aug.insert(0, A.HorizontalFlip(p=0.5))
     norm = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
     return AlbumentationsTransform(A.Compose([resize, *aug, norm, ToTensorV2()], seed=seed))

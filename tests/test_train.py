@@ -10,6 +10,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.data import DataError, ImageDataset, Split
 from pipeline.train import FlipTTA, fit, log_loss, predict_proba, select_confident, self_train, unlabelled_pool
 from pipeline.transforms import build_transform
+from stages.finetune import student_transform
 from tests.tiny import tiny
 
 CPU = torch.device("cpu")
@@ -106,7 +107,6 @@ def test_strong_augmentation_changes_images_more_and_only_for_training():
 
 
 def test_student_transform_is_the_teachers_unless_strong():
-    from stages.finetune import student_transform
     d = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
     ft = FinetuneConfig()
     teacher_t = build_transform(16, d["mean"], d["std"], train=True, seed=3)
