@@ -126,18 +126,18 @@ def build_arm_model(ckpt: dict | None, model_name: str, n_classes: int, split_se
 
 
 def build_job_transform(ft: FinetuneConfig, size: int, dinfo: dict, split_seed: int,
-                        student: bool = False) -> AlbumentationsTransform:
+                        strong: bool = False) -> AlbumentationsTransform:
     """A job's training transform: the recipe's augmentation (and flips, if asked), seeded by the split seed;
-    `student=True` gives the strong one (`finetune.pseudo_augment=strong`, noisy-student self-training)."""
+    `strong`: the noisy student's (`student_transform`)."""
     return build_transform(size, dinfo["mean"], dinfo["std"], train=ft.augment, seed=split_seed, hflip=ft.hflip,
-                           strong=student)
+                           strong=strong)
 
 
 def student_transform(ft: FinetuneConfig, train_t: AlbumentationsTransform, size: int, dinfo: dict,
                       split_seed: int) -> AlbumentationsTransform:
     """The self-training student's transform: the teacher's own (its random stream continuing, as before the
     option existed) for `pseudo_augment=recipe`, a fresh strong one for `strong`."""
-    return build_job_transform(ft, size, dinfo, split_seed, student=True) if ft.pseudo_augment == "strong" else train_t
+    return build_job_transform(ft, size, dinfo, split_seed, strong=True) if ft.pseudo_augment == "strong" else train_t
 
 
 def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
