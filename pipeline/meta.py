@@ -44,9 +44,15 @@ def adapt(loss_fn: Callable[[Params], Tensor], params: Params, lr: float | Param
 
 
 def hvp(loss_fn: Callable[..., Tensor]) -> Callable[..., tuple[Params, Params]]:
-    """(θ, u, *args) -> (∇L(θ), ∇²L(θ)·u) by forward-over-reverse differentiation, for `adapt_vjp`."""
+    """(θ, u, *args) -> (∇L(θ), ∇²L(θ)·u) by forward-over-reverse differentiation, for `adapt_vjp`.
+
+    Always in full precision, whatever autocast encloses it: on CUDA, forward-mode AD through an autocast
+    convolution's backward fails ("Input type (torch.cuda.FloatTensor) and weight type (CUDABFloat16Type)
+    should be the same", torch 2.11 on an H200), and the product is the exact Hessian of the fp32 loss."""
     def f(params: Params, u: Params, *args) -> tuple[Params, Params]:
-        return jvp(lambda p: grad(loss_fn)(p, *args), (params,), (u,))
+        dev = next(iter(params.values())).device.type
+        with torch.autocast(dev, enabled=False):
+            return jvp(lambda p: grad(loss_fn)(p, *args), (params,), (u,))
     return f
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.meta import MetaLearner, _DepthwiseConv2d, adapt, batch_stats_only, recalibrate_bn
+from pipeline.meta import MetaLearner, _DepthwiseConv2d, adapt, batch_stats_only, hvp, recalibrate_bn
 from tests.tiny import make_tasks, tiny
 
 
@@ -90,6 +90,27 @@ def test_reverse_sweep_equals_unrolled_backprop_with_dropout(algorithm):
         # without the replay the masks differ and so do the gradients: the test can fail
         other = seeded_meta_grad(unrolled, task, seed=6)
         assert max((other[k] - gu[k]).abs().max().item() for k in gu) > 1e-6
+
+
+def test_hvp_is_full_precision_under_autocast():
+    """The reverse sweep's Hessian-vector products ignore an enclosing autocast (on CUDA, forward-mode AD through
+    an autocast convolution's backward failed with mixed dtypes on an H200): under CPU bf16 autocast they equal the
+    fp32 products exactly, while the same loss under that autocast does change (so the test can fail)."""
+    learner = MetaLearner(tiny().float(), "maml", inner_lr=0.3, inner_steps=2)
+    xs, ys, _, _ = make_tasks(T=1, dtype=torch.float32)
+    params = {k: v.detach() for k, v in learner.params().items()}
+    gen = torch.Generator().manual_seed(3)
+    u = {k: torch.randn(p.shape, generator=gen) for k, p in params.items()}
+    f = hvp(learner.loss)
+    with batch_stats_only(learner.model):
+        g32, hu32 = f(params, u, xs[0], ys[0])
+        loss32 = learner.loss(params, xs[0], ys[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g, hu = f(params, u, xs[0], ys[0])
+            loss16 = learner.loss(params, xs[0], ys[0])
+    assert (loss16.float() - loss32).abs().item() > 1e-5
+    for k in params:
+        assert hu[k].dtype == torch.float32 and torch.equal(hu[k], hu32[k]) and torch.equal(g[k], g32[k]), k
 
 
 @pytest.mark.parametrize("algorithm,fns", [("maml", {"grad", "query", "hvp"}), ("anil", {"anil"})])
