@@ -7,13 +7,16 @@ preprocessing stored beside the model (flip TTA included if the model was scored
 ensemble with each member arm, paired by (k, seed). The test split is not read.
 
     python benchmarks/ensemble_val.py --run <finetune run id> [--run [<tag>=]<another>]
-        [--members a,b [--members c,d]] [--compare a,b] [--config configs/default.yaml] [--set key=value]
+        [--members a,b [--members c,d]] [--compare a,b] [--metric auc|log_loss ...]
+        [--config configs/default.yaml] [--set key=value]
 
 A run given as `<tag>=<run id>` has its arms named `<tag>.<arm>`, as `evaluate.merge_runs` names them (e.g.
 `lite2=<id>` for another backbone's transfer arm, `lite2.transfer`). The config only has to describe the same
 target data set as the finetune run (`data.*`). Prints one JSON line per (k, seed) and a summary per k and pooled:
 mean validation AUC per arm and the paired ensemble-minus-arm difference; `--compare a,b` adds the paired a-minus-b
-difference of two arms (e.g. a meta arm against the transfer arm it is meant to beat).
+difference of two arms (e.g. a meta arm against the transfer arm it is meant to beat). `--metric log_loss` scores
+validation by log-loss (lower is better) instead of AUC, for models whose validation AUC is saturated near 1;
+repeat `--metric` for both.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import log_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.config import ConfigError, load_config, parse_merge_run, tagged_arm  # noqa: E402
@@ -36,10 +40,35 @@ from pipeline.transforms import build_transform  # noqa: E402
 from stages.evaluate import ensemble_members  # noqa: E402
 
 
-def summarise(rows: list[dict], ensembles: dict[str, list[str]], compare: list[tuple[str, str]] = ()) -> str:
-    """Mean validation AUC per arm and ensemble, the paired ensemble-minus-member differences, for two or more
+METRICS = {"auc": "AUC", "log_loss": "log-loss"}  # --metric choices and their printed names
+
+
+def score_rows(labels: np.ndarray, probs: dict[tuple[int, int], dict[str, np.ndarray]], members: list[str],
+               ensembles: dict[str, list[str]], metric: str = "auc") -> list[dict]:
+    """One row per (k, seed) holding every member's and ensemble's validation `metric` (4 decimals): ROC AUC
+    (higher is better; saturates near 1 here) or the log-loss (cross-entropy, lower is better; a proper score that
+    keeps separating models whose ranking is already near perfect). An ensemble scores the mean of its members'
+    class probabilities. (k, seed) pairs missing a member are left out."""
+    def score(p: np.ndarray) -> float:
+        if metric == "log_loss":
+            return round(float(log_loss(labels, p, labels=list(range(p.shape[1])))), 4)
+        return round(classification_metrics(labels, p)["auc"], 4)
+    rows = []
+    for (k, seed), p in sorted(probs.items()):
+        if set(members) - set(p):
+            continue
+        row = {"k": k, "seed": seed, **{a: score(p[a]) for a in members}}
+        row.update({name: score(np.mean([p[a] for a in m], 0)) for name, m in ensembles.items()})
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict], ensembles: dict[str, list[str]], compare: list[tuple[str, str]] = (),
+              metric: str = "auc") -> str:
+    """Mean validation `metric` per arm and ensemble, the paired ensemble-minus-member differences, for two or more
     ensembles the paired difference of each later ensemble from the first, and each `compare` pair's a-minus-b;
-    per k and pooled."""
+    per k and pooled. Counts seeds where the first is better: higher AUC ("up"), lower log-loss ("lower")."""
+    name, better = METRICS[metric], ("lower" if metric == "log_loss" else "up")
     members = list(dict.fromkeys([a for m in ensembles.values() for a in m] + [a for c in compare for a in c]))
     lines = []
     for k in sorted({r["k"] for r in rows}) + ["all"]:
@@ -48,15 +77,15 @@ def summarise(rows: list[dict], ensembles: dict[str, list[str]], compare: list[t
             break
         means = {a: mean_ci(np.array([r[a] for r in g])) for a in [*members, *ensembles]}
         head = ", ".join(f"{a} {m:.4f} [{lo:.4f}, {hi:.4f}]" for a, (m, lo, hi) in means.items())
-        lines.append(f"k={k} (n={len(g)}) val AUC: {head}")
+        lines.append(f"k={k} (n={len(g)}) val {name}: {head}")
         pairs = [(e, a) for e, m in ensembles.items() for a in m]
         pairs += [(e, next(iter(ensembles))) for e in list(ensembles)[1:]]
         pairs += list(compare)
         for e, a in pairs:
             c = paired_comparison(np.array([r[e] for r in g]), np.array([r[a] for r in g]))
-            up = sum(r[e] > r[a] for r in g)
-            lines.append(f"  PAIRED val AUC {e}-{a}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
-                         f"{c['ci_high']:+.4f}], Wilcoxon p={c['wilcoxon_p']:.3g}, {up} of {len(g)} up")
+            n = sum((r[e] < r[a]) if metric == "log_loss" else (r[e] > r[a]) for r in g)
+            lines.append(f"  PAIRED val {name} {e}-{a}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
+                         f"{c['ci_high']:+.4f}], Wilcoxon p={c['wilcoxon_p']:.3g}, {n} of {len(g)} {better}")
     return "\n".join(lines)
 
 
@@ -70,6 +99,9 @@ def main() -> None:
                          "ensembles, the first is the reference; default: transfer and every meta-* arm")
     ap.add_argument("--compare", action="append", default=[],
                     help="two arms 'a,b': also print the paired a-minus-b validation AUC; repeatable")
+    ap.add_argument("--metric", action="append", choices=list(METRICS), default=[],
+                    help="validation score, repeatable, in the order printed: auc (default) or log_loss (lower is "
+                         "better; not saturated when every AUC is near 1)")
     ap.add_argument("--config", default=None)
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = ap.parse_args()
@@ -117,17 +149,12 @@ def main() -> None:
             inputs[key] = stack_inputs(ImageDataset(va.images, va.labels, t))
         probs.setdefault((r["k"], r["seed"]), {})[r["arm"]] = predict_proba(
             model, inputs[key], torch.device("cpu"), tta=bool(spec.get("tta")))
-    rows = []
-    for (k, seed), p in sorted(probs.items()):
-        if set(p) != set(members):
-            continue
-        row = {"k": k, "seed": seed, **{a: round(classification_metrics(va.labels, p[a])["auc"], 4) for a in members}}
-        for name, m in ensembles.items():
-            row[name] = round(classification_metrics(va.labels, np.mean([p[a] for a in m], 0))["auc"], 4)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(summarise(rows, ensembles, compare),
-          f"(finetune runs {', '.join(args.run)}, {len(va.labels)} validation images)", flush=True)
+    for metric in args.metric or ["auc"]:
+        rows = score_rows(va.labels, probs, members, ensembles, metric)
+        for row in rows:
+            print(json.dumps(row if metric == "auc" else {"metric": metric, **row}), flush=True)
+        print(summarise(rows, ensembles, compare, metric),
+              f"(finetune runs {', '.join(args.run)}, {len(va.labels)} validation images)", flush=True)
 
 
 if __name__ == "__main__":

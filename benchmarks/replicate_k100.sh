@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# k=100 on fresh seeds, chosen by validation log-loss (README, "k=100 on fresh seeds 5-9 (pre-registered)"):
+# a Lite0 and a Lite2 backbone run, then for each seed the noisy-student self-trained transfer arm of each body
+# (configs/selftrain.yaml, finetune.pseudo_augment=strong, the default), one finetune run per (body, seed) so that
+# every finished seed is complete; then the validation comparison (log-loss and AUC, test split not read) and the
+# evaluate stage (test). Logs to benchmarks/logs/replicate_k100_{runs,val}.log.
+#   PIPELINE_DATA_ROOT=../shared/data bash benchmarks/replicate_k100.sh        # seeds 5-9
+#   FIRST=5 LAST=5 bash benchmarks/replicate_k100.sh                            # one seed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CFG=configs/selftrain.yaml
+FIRST=${FIRST:-5}
+LAST=${LAST:-9}
+LOG=benchmarks/logs/replicate_k100_runs.log
+LITE2=(--set backbone.model=tf_efficientnet_lite2)
+K100=(--set 'finetune.arms=[transfer]' --set 'finetune.shots=[100]' --set finetune.seeds=1)
+run_id() { sed -n "s/^$1: run //p" | tail -1; }   # the CLI's last line: "<stage>: run <id>"
+echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) seeds $FIRST-$LAST" >> "$LOG"
+B0=$(python -m pipeline run --stage backbone --config $CFG | tee /dev/stderr | run_id backbone)
+B2=$(python -m pipeline run --stage backbone --config $CFG "${LITE2[@]}" | tee /dev/stderr | run_id backbone)
+echo "backbone lite0 $B0 lite2 $B2" | tee -a "$LOG"
+F0=() F2=()
+for s in $(seq "$FIRST" "$LAST"); do
+  F0+=("$(python -m pipeline run --stage finetune --config $CFG "${K100[@]}" --set finetune.first_seed="$s" \
+          --set finetune.backbone_run="$B0" | tee /dev/stderr | run_id finetune)")
+  echo "$(date -u +%FT%TZ) seed $s lite0 finetune ${F0[-1]}" | tee -a "$LOG"
+  F2+=("$(python -m pipeline run --stage finetune --config $CFG "${LITE2[@]}" "${K100[@]}" \
+          --set finetune.first_seed="$s" --set finetune.backbone_run="$B2" | tee /dev/stderr | run_id finetune)")
+  echo "$(date -u +%FT%TZ) seed $s lite2 finetune ${F2[-1]}" | tee -a "$LOG"
+done
+# validation first (the rule reads it alone), then the test split once per model
+VAL=(); for r in "${F0[@]}"; do VAL+=(--run "$r"); done; for r in "${F2[@]}"; do VAL+=(--run "lite2=$r"); done
+python benchmarks/ensemble_val.py --config $CFG "${VAL[@]}" --members transfer,lite2.transfer \
+  --compare lite2.transfer,transfer --metric log_loss --metric auc | tee benchmarks/logs/replicate_k100_val.log
+MERGE=$(IFS=,; echo "${F0[*]:1}${F0[1]:+,}$(printf 'lite2=%s,' "${F2[@]}" | sed 's/,$//')")
+python -m pipeline run --stage evaluate --config $CFG "${K100[@]}" --set evaluate.ensemble=false \
+  --set evaluate.from_run="${F0[0]}" --set "evaluate.merge_runs=[$MERGE]" \
+  --set 'evaluate.ensembles=[ensemble-2ns=transfer+lite2.transfer]' | tee -a "$LOG"
