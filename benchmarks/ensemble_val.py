@@ -98,7 +98,7 @@ def main() -> None:
                     help="arms of one ensemble, comma-separated (e.g. transfer,transfer.r1); repeat for several "
                          "ensembles, the first is the reference; default: transfer and every meta-* arm")
     ap.add_argument("--compare", action="append", default=[],
-                    help="two arms 'a,b': also print the paired a-minus-b validation AUC; repeatable")
+                    help="two arms 'a,b': also print the paired a-minus-b validation score; repeatable")
     ap.add_argument("--metric", action="append", choices=list(METRICS), default=[],
                     help="validation score, repeatable, in the order printed: auc (default) or log_loss (lower is "
                          "better; not saturated when every AUC is near 1)")
