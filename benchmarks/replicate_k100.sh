@@ -29,10 +29,11 @@ for s in $(seq "$FIRST" "$LAST"); do
   echo "$(date -u +%FT%TZ) seed $s lite2 finetune ${F2[-1]}" | tee -a "$LOG"
 done
 # validation first (the rule reads it alone), then the test split once per model
-VAL=(); for r in "${F0[@]}"; do VAL+=(--run "$r"); done; for r in "${F2[@]}"; do VAL+=(--run "lite2=$r"); done
+RUNS=("${F0[@]}"); for r in "${F2[@]}"; do RUNS+=("lite2=$r"); done   # Lite2's arm is lite2.transfer in both
+VAL=(); for r in "${RUNS[@]}"; do VAL+=(--run "$r"); done
 python benchmarks/ensemble_val.py --config $CFG "${VAL[@]}" --members transfer,lite2.transfer \
   --compare lite2.transfer,transfer --metric log_loss --metric auc | tee benchmarks/logs/replicate_k100_val.log
-MERGE=$(IFS=,; echo "${F0[*]:1}${F0[1]:+,}$(printf 'lite2=%s,' "${F2[@]}" | sed 's/,$//')")
+MERGE=$(IFS=,; echo "${RUNS[*]:1}")   # every run but the first, which is evaluate's upstream run
 python -m pipeline run --stage evaluate --config $CFG "${K100[@]}" --set evaluate.ensemble=false \
   --set evaluate.from_run="${F0[0]}" --set "evaluate.merge_runs=[$MERGE]" \
   --set 'evaluate.ensembles=[ensemble-2ns=transfer+lite2.transfer]' | tee -a "$LOG"
