@@ -6,6 +6,8 @@
 # evaluate stage (test). Logs to benchmarks/logs/replicate_k100_{runs,val}.log.
 #   PIPELINE_DATA_ROOT=../shared/data bash benchmarks/replicate_k100.sh        # seeds 5-8
 #   FIRST=5 LAST=5 bash benchmarks/replicate_k100.sh                            # one seed
+# Resume in the same MLflow store (same backbone runs, finished seeds reused, the rest run):
+#   B0=<lite0 backbone run> B2=<lite2 backbone run> PRIOR0="<lite0 finetune runs>" PRIOR2="<lite2 ...>" FIRST=7 bash ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CFG=configs/selftrain.yaml
@@ -16,10 +18,12 @@ LITE2=(--set backbone.model=tf_efficientnet_lite2)
 K100=(--set 'finetune.arms=[transfer]' --set 'finetune.shots=[100]' --set finetune.seeds=1)
 run_id() { sed -n "s/^$1: run //p" | tail -1; }   # the CLI's last line: "<stage>: run <id>"
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) seeds $FIRST-$LAST" >> "$LOG"
-B0=$(python -m pipeline run --stage backbone --config $CFG | tee /dev/stderr | run_id backbone)
-B2=$(python -m pipeline run --stage backbone --config $CFG "${LITE2[@]}" | tee /dev/stderr | run_id backbone)
+B0=${B0:-$(python -m pipeline run --stage backbone --config $CFG | tee /dev/stderr | run_id backbone)}
+B2=${B2:-$(python -m pipeline run --stage backbone --config $CFG "${LITE2[@]}" | tee /dev/stderr | run_id backbone)}
 echo "backbone lite0 $B0 lite2 $B2" | tee -a "$LOG"
-F0=() F2=()
+read -r -a F0 <<< "${PRIOR0:-}"; read -r -a F2 <<< "${PRIOR2:-}"   # finished seeds before FIRST, in seed order
+[ ${#F0[@]} -eq ${#F2[@]} ] || { echo "PRIOR0 and PRIOR2 need one run per seed each" >&2; exit 2; }
+[ ${#F0[@]} -eq 0 ] || echo "reusing finished seeds: lite0 ${F0[*]} lite2 ${F2[*]}" | tee -a "$LOG"
 for s in $(seq "$FIRST" "$LAST"); do
   F0+=("$(python -m pipeline run --stage finetune --config $CFG "${K100[@]}" --set finetune.first_seed="$s" \
           --set finetune.backbone_run="$B0" | tee /dev/stderr | run_id finetune)")
