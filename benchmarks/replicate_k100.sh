@@ -17,6 +17,10 @@ LOG=benchmarks/logs/replicate_k100_runs.log
 LITE2=(--set backbone.model=tf_efficientnet_lite2)
 K100=(--set 'finetune.arms=[transfer]' --set 'finetune.shots=[100]' --set finetune.seeds=1)
 run_id() { sed -n "s/^$1: run //p" | tail -1; }   # the CLI's last line: "<stage>: run <id>"
+# reused seeds are only comparable with new ones fine-tuned from the same backbone runs
+if [ -n "${PRIOR0:-}${PRIOR2:-}" ] && { [ -z "${B0:-}" ] || [ -z "${B2:-}" ]; }; then
+  echo "PRIOR0/PRIOR2 need B0 and B2: the backbone runs those finetune runs started from" >&2; exit 2
+fi
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) seeds $FIRST-$LAST" >> "$LOG"
 B0=${B0:-$(python -m pipeline run --stage backbone --config $CFG | tee /dev/stderr | run_id backbone)}
 B2=${B2:-$(python -m pipeline run --stage backbone --config $CFG "${LITE2[@]}" | tee /dev/stderr | run_id backbone)}
