@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
 from pipeline.device import use_channels_last  # noqa: E402
-from pipeline.meta import MetaLearner  # noqa: E402
+from pipeline.meta import create_learner  # noqa: E402
 
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "metasgd", "supervised", "l2l-maml", "l2l-maml-fo")
@@ -182,7 +182,7 @@ def main() -> None:
     for alg in ("maml", "fomaml", "anil", "reptile", "metasgd"):
         if only and alg not in only:
             continue
-        learner = MetaLearner(fresh(False), alg, args.inner_lr, args.inner_steps, head=head_prefix(base),
+        learner = create_learner(fresh(False), alg, args.inner_lr, args.inner_steps, head=head_prefix(base),
                               unroll=args.unroll, compile=args.compile).to(dev)
         cl = cl_for(learner.double_backward(args.batched))
         learner.model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.meta import MetaLearner, _DepthwiseConv2d, adapt, batch_stats_only, hvp, recalibrate_bn
+from pipeline.meta import create_learner, _DepthwiseConv2d, adapt, batch_stats_only, hvp, recalibrate_bn
 from tests.tiny import make_tasks, tiny
 
 
@@ -25,7 +25,7 @@ def meta_grad(learner, task, batched=True):
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd"])
 def test_second_order_meta_gradient_matches_finite_differences(algorithm, batched, depthwise):
-    learner = MetaLearner(tiny(depthwise=depthwise), algorithm, inner_lr=0.3, inner_steps=3)
+    learner = create_learner(tiny(depthwise=depthwise), algorithm, inner_lr=0.3, inner_steps=3)
     task = make_tasks(T=1)
     g = meta_grad(learner, task, batched)
     params = {k: v.detach() for k, v in learner.params().items()}
@@ -58,13 +58,42 @@ def test_depthwise_conv_first_and_second_derivatives(stride, padding, dilation, 
 @pytest.mark.parametrize("batched", [True, False])
 def test_fast_depthwise_path_equals_torch_double_backward(batched):
     task = make_tasks(T=2)
-    fast, slow = (MetaLearner(tiny(depthwise=True), "maml", inner_lr=0.3, inner_steps=3) for _ in range(2))
+    fast, slow = (create_learner(tiny(depthwise=True), "maml", inner_lr=0.3, inner_steps=3) for _ in range(2))
     slow.fast_depthwise = False
     assert fast.fast_depthwise
     gf, gs = meta_grad(fast, task, batched), meta_grad(slow, task, batched)
     for k in gs:
         torch.testing.assert_close(gf[k], gs[k], rtol=1e-9, atol=1e-12, msg=k)
-    assert F.conv2d is torch.nn.functional.conv2d and F.conv2d.__module__ != "pipeline.meta"  # swap undone
+    for m in fast.model.modules():  # the per-model swap is undone
+        assert "forward" not in m.__dict__
+
+
+NATIVE = (F.conv2d, F.batch_norm)
+
+
+def test_layer_swaps_touch_only_the_meta_trained_model():
+    """The exact BatchNorm and the fast depthwise double backward replace the `forward` of the meta-trained model's
+    modules while a meta-gradient is computed, never `torch.nn.functional`: another model in the process computes
+    exactly as before while they are in place, and the swaps are really there on the meta-trained model."""
+    learner = create_learner(tiny(depthwise=True), "maml", inner_lr=0.3, inner_steps=2)
+    other = tiny(seed=1, depthwise=True).eval()  # eval: no buffer writes inside the grad transform
+    x = make_tasks(T=1)[0][0]
+    before = other(x).detach()
+    seen = {}
+
+    def probe(module, args, output):  # runs inside the meta-trained model's forward, under the swaps
+        seen["F"] = (F.conv2d, F.batch_norm)
+        seen["bn_forward"] = "forward" in learner.model.bn.__dict__
+        seen["dw_forward"] = "forward" in learner.model.dw.__dict__
+        seen["other_patched"] = [n for n, m in other.named_modules() if "forward" in m.__dict__]
+        seen["other_out"] = other(x).detach()
+    handle = learner.model.classifier.register_forward_hook(probe)
+    learner.meta_backward(*make_tasks(T=2), batched=True)
+    handle.remove()
+    assert seen["F"] == NATIVE and seen["bn_forward"] and seen["dw_forward"] and seen["other_patched"] == []
+    torch.testing.assert_close(seen["other_out"], before, rtol=0, atol=0)
+    assert (F.conv2d, F.batch_norm) == NATIVE
+    assert not any("forward" in m.__dict__ for m in learner.model.modules())
 
 
 def seeded_meta_grad(learner, task, seed=5):
@@ -79,7 +108,7 @@ def test_reverse_sweep_equals_unrolled_backprop_with_dropout(algorithm):
     """`adapt_vjp`'s reverse sweep of Hessian-vector products gives the gradient of backpropagating through
     the unrolled inner loop (model and Meta-SGD LRs), dropout included: each step's masks are replayed."""
     task = make_tasks(T=2)
-    sweep, unrolled = (MetaLearner(tiny(dropout=0.5), algorithm, inner_lr=0.3, inner_steps=3, unroll=u)
+    sweep, unrolled = (create_learner(tiny(dropout=0.5), algorithm, inner_lr=0.3, inner_steps=3, unroll=u)
                        for u in (False, True))
     gs, gu = seeded_meta_grad(sweep, task), seeded_meta_grad(unrolled, task)
     assert not sweep.double_backward(False) and unrolled.double_backward(False) == (algorithm in ("maml", "metasgd"))
@@ -96,7 +125,7 @@ def test_hvp_is_full_precision_under_autocast():
     """The reverse sweep's Hessian-vector products ignore an enclosing autocast (on CUDA, forward-mode AD through
     an autocast convolution's backward failed with mixed dtypes on an H200): under CPU bf16 autocast they equal the
     fp32 products exactly, while the same loss under that autocast does change (so the test can fail)."""
-    learner = MetaLearner(tiny().float(), "maml", inner_lr=0.3, inner_steps=2)
+    learner = create_learner(tiny().float(), "maml", inner_lr=0.3, inner_steps=2)
     xs, ys, _, _ = make_tasks(T=1, dtype=torch.float32)
     params = {k: v.detach() for k, v in learner.params().items()}
     gen = torch.Generator().manual_seed(3)
@@ -118,8 +147,8 @@ def test_compiled_sweep_equals_eager(algorithm, fns):
     """torch.compile'd gradient, query and Hessian-vector-product functions (ANIL: its one meta-gradient
     function) give the eager unrolled meta-gradient, dropout replayed through torch's own random op."""
     task = make_tasks(T=2)
-    compiled = MetaLearner(tiny(dropout=0.5), algorithm, inner_lr=0.3, inner_steps=2, compile=True)
-    eager = MetaLearner(tiny(dropout=0.5), algorithm, inner_lr=0.3, inner_steps=2, unroll=True)
+    compiled = create_learner(tiny(dropout=0.5), algorithm, inner_lr=0.3, inner_steps=2, compile=True)
+    eager = create_learner(tiny(dropout=0.5), algorithm, inner_lr=0.3, inner_steps=2, unroll=True)
     gc, ge = seeded_meta_grad(compiled, task), seeded_meta_grad(eager, task)
     for k in ge:
         torch.testing.assert_close(gc[k], ge[k], rtol=1e-7, atol=1e-10, msg=k)
@@ -128,14 +157,14 @@ def test_compiled_sweep_equals_eager(algorithm, fns):
 
 def test_second_order_differs_from_first_order():
     task = make_tasks(T=1)
-    g2 = meta_grad(MetaLearner(tiny(), "maml", inner_lr=0.3, inner_steps=3), task)
-    g1 = meta_grad(MetaLearner(tiny(), "fomaml", inner_lr=0.3, inner_steps=3), task)
+    g2 = meta_grad(create_learner(tiny(), "maml", inner_lr=0.3, inner_steps=3), task)
+    g1 = meta_grad(create_learner(tiny(), "fomaml", inner_lr=0.3, inner_steps=3), task)
     diff = max((g2[k] - g1[k]).abs().max().item() for k in g1)
     assert diff > 1e-4  # the Hessian terms are really there
 
 
 def test_first_order_gradient_is_query_gradient_at_adapted_params():
-    learner = MetaLearner(tiny(), "fomaml", inner_lr=0.3, inner_steps=3)
+    learner = create_learner(tiny(), "fomaml", inner_lr=0.3, inner_steps=3)
     xs, ys, xq, yq = task = make_tasks(T=1)
     g = meta_grad(learner, task)
     params = {k: v.detach() for k, v in learner.params().items()}
@@ -154,7 +183,7 @@ def test_first_order_gradient_is_query_gradient_at_adapted_params():
 
 def test_reptile_update_is_closed_form():
     model = tiny()
-    learner = MetaLearner(model, "reptile", inner_lr=0.2, inner_steps=4)
+    learner = create_learner(model, "reptile", inner_lr=0.2, inner_steps=4)
     xs, ys, xq, yq = task = make_tasks(T=3)
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}
     # θ̃ per task with an independent plain-autograd SGD loop on the support set
@@ -179,7 +208,7 @@ def test_reptile_update_is_closed_form():
 
 
 def test_anil_inner_loop_leaves_body_unchanged_and_changes_output():
-    learner = MetaLearner(tiny(), "anil", inner_lr=0.5, inner_steps=3)
+    learner = create_learner(tiny(), "anil", inner_lr=0.5, inner_steps=3)
     xs, ys, xq, yq = make_tasks(T=1)
     params = {k: v.detach() for k, v in learner.params().items()}
     body, head = learner.split(params)
@@ -200,8 +229,8 @@ def test_anil_inner_loop_leaves_body_unchanged_and_changes_output():
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "reptile", "metasgd"])
 def test_batched_equals_per_task_loop(algorithm):
     task = make_tasks(T=3)
-    a = MetaLearner(tiny(), algorithm, inner_lr=0.2, inner_steps=2)
-    b = MetaLearner(tiny(), algorithm, inner_lr=0.2, inner_steps=2)
+    a = create_learner(tiny(), algorithm, inner_lr=0.2, inner_steps=2)
+    b = create_learner(tiny(), algorithm, inner_lr=0.2, inner_steps=2)
     la, aa = a.meta_backward(*task, batched=True)
     lb, ab = b.meta_backward(*task, batched=False)
     assert abs(la - lb) < 1e-10 and abs(aa - ab) < 1e-10
@@ -210,7 +239,7 @@ def test_batched_equals_per_task_loop(algorithm):
 
 
 def test_metasgd_learns_inner_lrs_and_adaptation_uses_them():
-    learner = MetaLearner(tiny(), "metasgd", inner_lr=0.2, inner_steps=2)
+    learner = create_learner(tiny(), "metasgd", inner_lr=0.2, inner_steps=2)
     task = make_tasks(T=2)
     learner.meta_backward(*task, batched=True)
     grads = [p.grad for p in learner.lrs.parameters()]
@@ -227,7 +256,7 @@ def test_metasgd_learns_inner_lrs_and_adaptation_uses_them():
 
 def test_functional_calls_do_not_touch_running_stats_and_recalibration_does():
     model = tiny()
-    learner = MetaLearner(model, "maml", inner_lr=0.1, inner_steps=1)
+    learner = create_learner(model, "maml", inner_lr=0.1, inner_steps=1)
     before = {k: v.clone() for k, v in model.named_buffers()}
     learner.meta_backward(*make_tasks(T=2), batched=True)
     learner.evaluate(*make_tasks(T=2))
@@ -247,7 +276,7 @@ def test_functional_calls_do_not_touch_running_stats_and_recalibration_does():
 
 def test_maml_step_reduces_query_loss_on_a_fixed_task():
     torch.manual_seed(0)
-    learner = MetaLearner(tiny(), "maml", inner_lr=0.3, inner_steps=2)
+    learner = create_learner(tiny(), "maml", inner_lr=0.3, inner_steps=2)
     task = make_tasks(T=2)
     opt = torch.optim.Adam(learner.meta_parameters(), lr=0.05)
     first = None
