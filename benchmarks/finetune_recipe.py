@@ -1,8 +1,8 @@
 """Compare fine-tuning recipes on the target's *validation* split, the way the defaults were chosen.
 
-Each seed fine-tunes one arm (transfer or scratch) with the stage's own code: `pipeline.train.fit`, and the
-k-shot subset, selection subset, training transform and initial model of `finetune/<arm>/k<k>/seed<s>` from
-`stages.finetune`. It then scores the chosen model on the whole validation split. The test split is only scored
+Each seed fine-tunes one arm (transfer or scratch) with the stage's own per-job function, `pipeline.finetune.train_job`
+(the k-shot subset, selection subset, training transform, initial model and self-training of
+`finetune/<arm>/k<k>/seed<s>`). It then scores the chosen model on the whole validation split. The test split is only scored
 with `--test`, for reporting after a recipe is fixed. Tensors stay contiguous (the stage uses channels-last on CPU
 by default), so figures can differ slightly from the stage's runs of the same seed.
 
@@ -25,15 +25,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
+from pipeline.backbone import create_backbone  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import ImageDataset, load_target  # noqa: E402
 from pipeline.device import configure, resolve_device  # noqa: E402
+from pipeline.finetune import Arm, Job, TargetInputs, prepare_inputs, train_job  # noqa: E402
 from pipeline.metrics import classification_metrics, mean_ci, paired_comparison  # noqa: E402
-from pipeline.train import fit, log_loss, predict_proba, self_train_rounds, stack_inputs  # noqa: E402
-from pipeline.transforms import build_transform  # noqa: E402
-from stages.finetune import (build_arm_model, build_job_transform, job_subsets, selection_size,  # noqa: E402
-                             student_transform)
+from pipeline.train import log_loss, predict_proba, stack_inputs  # noqa: E402
 
 
 def summarise(rows: list[dict]) -> str:
@@ -60,6 +58,27 @@ def summarise(rows: list[dict]) -> str:
     return out
 
 
+def scores(model: torch.nn.Module, data: TargetInputs, x_test: torch.Tensor | None, tta: bool, dev: torch.device
+           ) -> dict[str, float]:
+    """Validation AUC and log loss on the whole val split, and test AUC with `--test`."""
+    va = data.split("val")
+    p_val = predict_proba(model, data.x_val, dev, tta=tta)
+    out = {"val_auc": round(classification_metrics(va.labels, p_val)["auc"], 4),
+           "val_loss": round(log_loss(va.labels, p_val), 4)}
+    if x_test is not None:
+        p_test = predict_proba(model, x_test, dev, tta=tta)
+        out["test_auc"] = round(classification_metrics(data.split("test").labels, p_test)["auc"], 4)
+    return out
+
+
+def teacher_scores(rnd: int, teacher: torch.nn.Module, data: TargetInputs, x_test: torch.Tensor | None, tta: bool,
+                   dev: torch.device) -> dict[str, float]:
+    """Each teacher scored as a final model: teacher_* for the fine-tune, round<r>_* for the student of round r
+    that teaches round r+1."""
+    name = "teacher" if rnd == 0 else f"round{rnd}"
+    return {f"{name}_{key}": v for key, v in scores(teacher, data, x_test, tta, dev).items() if key != "val_loss"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None)
@@ -78,59 +97,30 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     ft, dev = cfg.finetune, resolve_device(cfg.device)
     configure(dev, cfg.cudnn_benchmark)
-    target = load_target(cfg)
-    tr, va, te = (target.splits[s] for s in ("train", "val", "test"))
-    C = len(target.class_names)
-    size = ft.image_size or cfg.data.image_size
-    d = resolve_data_info(create_backbone(cfg.backbone.model, num_classes=C, weights="none")[0])
-    ev = build_transform(size, d["mean"], d["std"], train=False)
-    x_val = stack_inputs(ImageDataset(va.images, va.labels, ev))
-    x_test = stack_inputs(ImageDataset(te.images, te.labels, ev)) if args.test else None
-    n_val = selection_size(ft.val_per_class, va.labels)
-    ckpt = None  # scratch; transfer: the ImageNet body, as the backbone stage checkpoints it
-    if args.arm == "transfer":
-        body, _, _ = create_backbone(cfg.backbone.model, weights=cfg.backbone.weights,
-                                     weights_file=cfg.backbone.weights_file)
-        ckpt = {"model_name": cfg.backbone.model, "state_dict": body.state_dict()}
+    # transfer: the ImageNet body, as the backbone stage checkpoints it; scratch: random init of that architecture
+    body, _, _ = create_backbone(cfg.backbone.model, weights=cfg.backbone.weights if args.arm == "transfer" else "none",
+                                 weights_file=cfg.backbone.weights_file if args.arm == "transfer" else "")
+    ckpt = {"model_name": cfg.backbone.model, "state_dict": body.state_dict()}
+    data = prepare_inputs(cfg, load_target(cfg), ckpt, with_test=False)  # jobs never read the test split here
+    te = data.split("test")
+    x_test = stack_inputs(ImageDataset(te.images, te.labels, data.eval_t)) if args.test else None
+    arm = Arm(ckpt if args.arm == "transfer" else None)
     rows = []
-
-    def scores(model: torch.nn.Module) -> dict[str, float]:
-        """Validation AUC and log loss on the whole val split, and test AUC with `--test`."""
-        p_val = predict_proba(model, x_val, dev, tta=ft.tta)
-        out = {"val_auc": round(classification_metrics(va.labels, p_val)["auc"], 4),
-               "val_loss": round(log_loss(va.labels, p_val), 4)}
-        if x_test is not None:
-            p_test = predict_proba(model, x_test, dev, tta=ft.tta)
-            out["test_auc"] = round(classification_metrics(te.labels, p_test)["auc"], 4)
-        return out
     for s in (int(v) for v in args.seeds.split(",")):
         t0 = time.time()
-        split_seed, tr_idx, va_idx = job_subsets(tr.labels, va.labels, args.k, n_val, cfg.seed, s, target.source)
-        with torch.random.fork_rng():
-            model = build_arm_model(ckpt, cfg.backbone.model, C, split_seed)
-            train_t = build_job_transform(ft, size, d, split_seed)
-            x_sel, y_sel = x_val[torch.from_numpy(va_idx)], va.labels[va_idx]
-            res = fit(model, ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t),
-                      x_sel, y_sel, ft, dev, seed=split_seed, head=head_prefix(model), n_classes=C)
-            row = {"seed": s}
-
-            def score_teacher(rnd: int, teacher: torch.nn.Module, _fit) -> None:
-                """Each teacher is scored as a final model: teacher_* for the fine-tune, round<r>_* for the student
-                of round r that teaches round r+1."""
-                name = "teacher" if rnd == 0 else f"round{rnd}"
-                row.update({f"{name}_{key}": v for key, v in scores(teacher).items() if key != "val_loss"})
-            # self-training, as the stage does it; the row then describes the last student
-            model, res, _, _, _, diag = self_train_rounds(
-                model, res, lambda: build_arm_model(ckpt, cfg.backbone.model, C, split_seed), ft, tr, tr_idx, ev,
-                student_transform(ft, train_t, size, d, split_seed), x_sel, y_sel, dev, seed=split_seed, n_classes=C,
-                before_round=score_teacher)
-            row |= {"best_epoch": res.best_epoch + 1, "selection_auc": round(res.best_val_auc, 4),
-                    **{key: round(v, 4) for key, v in diag.items()}}
-        row |= scores(model)
+        row = {"seed": s}
+        # tensors stay contiguous (channels_last=False), as this script has always run them
+        res = train_job(data, ft, Job(args.k, s, args.arm), arm, cfg.seed, dev,
+                        before_round=lambda rnd, teacher, _fit, row=row: row.update(
+                            teacher_scores(rnd, teacher, data, x_test, ft.tta, dev)))
+        row |= {"best_epoch": res.best_epoch - res.first_epoch + 1,  # in the final fit's own epochs
+                "selection_auc": round(res.best_val_auc, 4), **{key: round(v, 4) for key, v in res.extra.items()
+                                                                 if not key.endswith("_val_auc")}}
+        row |= scores(res.model, data, x_test, ft.tta, dev)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(summarise(rows), f"(k={args.k}, size={size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)
+    print(summarise(rows), f"(k={args.k}, size={data.size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)
 
 
 if __name__ == "__main__":

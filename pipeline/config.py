@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used."""
 
 
+# Field metadata of settings that change speed, not results: they are not part of the keys that decide whether a
+# finished stage is reused (`speed_only_keys`).
+SPEED = {"speed_only": True}
+
 SOURCE_POOL = [
     "brain_tumor_mri_64",
     "knee_oa_64",
@@ -65,7 +69,7 @@ class BackboneConfig:
 
 @dataclass
 class MetaConfig:
-    algorithm: str = "reptile"  # maml | fomaml | anil | reptile | metasgd
+    algorithm: str = "reptile"  # maml | fomaml | anil | reptile | metasgd (pipeline/meta/algorithms.py)
     ways: int = 3  # 3-way keeps six of the seven source sets usable for within-data-set tasks
     shots: int = 5
     queries: int = 15
@@ -82,9 +86,11 @@ class MetaConfig:
     val_tasks: int = 20
     checkpoint_every: int = 50
     # vmap over a meta-batch's tasks; the per-task loop is faster and far leaner on CPU (benchmark)
-    batched: bool = False
-    unroll: bool = False  # MAML/Meta-SGD: backprop through all inner steps' graphs instead of the leaner reverse sweep
-    compile: bool = False  # torch.compile the per-task gradient/HVP functions: faster MAML after minutes of compiling
+    batched: bool = field(default=False, metadata=SPEED)
+    # MAML/Meta-SGD: backprop through all inner steps' graphs instead of the leaner reverse sweep
+    unroll: bool = field(default=False, metadata=SPEED)
+    # torch.compile the per-task gradient/HVP functions: faster MAML after minutes of compiling
+    compile: bool = field(default=False, metadata=SPEED)
     augment: bool = False
     bn_recalibration_batches: int = 20
     zero_head: bool = True  # start the N-way head at zero: initial loss log(N), no random-head gradients into the body
@@ -155,11 +161,14 @@ class EvaluateConfig:
 class PipelineConfig:
     experiment: str = "fewshot-medmeta"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    num_workers: int = 0
-    channels_last: str = "auto"  # auto | on | off (auto: on for GPUs, and on CPU except for second-order MAML)
-    compile: bool = False  # torch.compile the fine-tuning model; off unless it measures faster (benchmarks/)
-    cudnn_benchmark: bool = True  # cuDNN autotuning on CUDA; off skips the per-shape search (README, GPU section)
+    device: str = field(default="auto", metadata=SPEED)  # auto | cpu | cuda | cuda:N | mps
+    num_workers: int = field(default=0, metadata=SPEED)  # DataLoader worker processes
+    # auto | on | off (auto: on for GPUs, and on CPU except for second-order MAML)
+    channels_last: str = field(default="auto", metadata=SPEED)
+    # torch.compile the fine-tuning model; off unless it measures faster (benchmarks/)
+    compile: bool = field(default=False, metadata=SPEED)
+    # cuDNN autotuning on CUDA; off skips the per-shape search (docs/gpu.md)
+    cudnn_benchmark: bool = field(default=True, metadata=SPEED)
     data: DataConfig = field(default_factory=DataConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -176,6 +185,19 @@ class PipelineConfig:
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def speed_only_keys(obj: Any = None, prefix: str = "") -> set[str]:
+    """Dotted names of the settings marked speed-only (e.g. 'meta.compile', 'num_workers')."""
+    obj = PipelineConfig() if obj is None else obj
+    out = set()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= speed_only_keys(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("speed_only"):
+            out.add(prefix + f.name)
+    return out
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -197,6 +219,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str and value is None:
         return ""
+    if tp is str and isinstance(value, bool):  # YAML reads on/off (channels_last) as booleans
+        return "on" if value else "off"
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -317,8 +341,9 @@ def parse_ensemble(spec: str) -> tuple[str, list[str]]:
 
 def validate(cfg: PipelineConfig) -> None:
     """Value checks that types alone cannot express."""
+    from .meta.algorithms import ALGORITHMS  # the one list of algorithm names (imports torch, so not at the top)
     choices = {
-        "meta.algorithm": (cfg.meta.algorithm, {"maml", "fomaml", "anil", "reptile", "metasgd"}),
+        "meta.algorithm": (cfg.meta.algorithm, set(ALGORITHMS)),
         "meta.lr_schedule": (cfg.meta.lr_schedule, {"cosine", "constant"}),
         "meta.task_mode": (cfg.meta.task_mode, {"within", "across"}),
         "backbone.weights": (cfg.backbone.weights, {"imagenet", "none"}),

@@ -16,7 +16,7 @@ import mlflow
 import torch
 
 from . import distributed
-from .config import PipelineConfig, parse_arm, parse_merge_run
+from .config import PipelineConfig, parse_arm, parse_merge_run, speed_only_keys
 from .scratch import clean_scratch
 from .tracking import (code_version, find_finished_run, git_commit, log_config, main_client, run_outputs,
                        setup_tracking, tracked_run)
@@ -24,7 +24,7 @@ from .tracking import (code_version, find_finished_run, git_commit, log_config, 
 log = logging.getLogger(__name__)
 
 STAGES = ("backbone", "meta", "finetune", "evaluate")
-# Config sections each stage's result depends on (device and worker count change speed, not results).
+# Config sections each stage's result depends on (speed-only settings are left out, `speed_only_keys`).
 SECTIONS = {
     "backbone": ("backbone", "data"),
     "meta": ("data", "target", "meta", "seed"),
@@ -62,7 +62,12 @@ def explicit_upstream(stage: str, up: str, cfg: PipelineConfig) -> str:
 
 
 def stage_key(stage: str, cfg: PipelineConfig, upstream_ids: dict[str, str], code: str) -> str:
+    """Hash of what a stage's result depends on: its config sections without the speed-only settings, the code
+    version and the upstream runs."""
     d = cfg.to_dict()
+    for key in speed_only_keys():
+        section, _, name = key.rpartition(".")
+        (d[section] if section else d).pop(name, None)
     payload = {"stage": stage, "config": {s: d[s] for s in SECTIONS[stage]}, "code": code,
                "upstream": dict(sorted(upstream_ids.items()))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]

@@ -1,6 +1,7 @@
 """MLflow helpers: the project store, run lifecycle (no run left RUNNING), config logging and run lookup."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -60,13 +61,28 @@ def setup_tracking(experiment: str) -> str:
     return exp_id
 
 
+def _code_ast(source: str) -> str:
+    """A module's syntax tree without docstrings (comments are not in it): what the code does, not how it is
+    documented."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
+
+
 def code_version() -> str:
-    """Hash of the pipeline's source files: a finished stage is reused only under the same code."""
+    """Hash of the pipeline's code (`pipeline/` and `stages/`): a finished stage is reused only under the same code.
+    Each module counts by its syntax tree without docstrings, so editing comments or docstrings keeps every
+    finished stage reusable, while any change to what the code does invalidates them."""
     h = hashlib.sha256()
     for pkg in ("pipeline", "stages"):
         for f in sorted((PROJECT_ROOT / pkg).rglob("*.py")):
             h.update(f.relative_to(PROJECT_ROOT).as_posix().encode())
-            h.update(f.read_bytes())
+            h.update(_code_ast(f.read_text()).encode())
     return h.hexdigest()[:16]
 
 

@@ -192,17 +192,26 @@ def self_train(teacher: nn.Module, make_student: Callable[[], nn.Module], ft: Fi
     return student, res, {"pseudo_images": float(len(chosen)), "pseudo_label_accuracy": acc}
 
 
+@dataclass
+class SelfTrained:
+    """The final model of a job after `self_train_rounds` (the fine-tuned model itself when self-training is off)."""
+
+    model: nn.Module
+    fit: FitResult  # the final model's fit
+    history: list[dict[str, float]]  # every fit's curve, continued across rounds
+    images_seen: int  # training images of every fit
+    first_epoch: int  # where the final fit's curve starts in `history`
+    diagnostics: dict[str, float]  # the last round's pseudo-label figures
+
+
 def self_train_rounds(model: nn.Module, res: FitResult, make_student: Callable[[], nn.Module], ft: FinetuneConfig,
                       train: Split, labelled: np.ndarray, eval_t: Callable, train_t: Callable, x_val: torch.Tensor,
                       val_labels: np.ndarray, dev: torch.device, seed: int, n_classes: int,
                       before_round: Callable[[int, nn.Module, FitResult], None] | None = None,
-                      on_epoch: Callable[[int, dict], None] | None = None, **kw
-                      ) -> tuple[nn.Module, FitResult, list[dict], int, int, dict[str, float]]:
+                      on_epoch: Callable[[int, dict], None] | None = None, **kw) -> SelfTrained:
     """`ft.pseudo_rounds` rounds of `self_train` after the fine-tune that gave (`model`, `res`); none when
     `ft.pseudo_per_class` is 0. Each round's student teaches the next; `before_round(rnd, teacher, its fit)` sees
-    every teacher first. The curves continue across rounds (`on_epoch` gets continued epoch numbers).
-    Returns the final model and its fit, all curves, training images seen, the epoch where the final fit's curve
-    starts, and the last round's diagnostics."""
+    every teacher first. The curves continue across rounds (`on_epoch` gets continued epoch numbers)."""
     history, seen, first, diag = list(res.history), res.images_seen, 0, {}
     for rnd in range(ft.pseudo_rounds if ft.pseudo_per_class else 0):
         if before_round:
@@ -213,4 +222,4 @@ def self_train_rounds(model: nn.Module, res: FitResult, make_student: Callable[[
                                       on_epoch=(lambda e, r, f=first: on_epoch(f + e, r)) if on_epoch else None,
                                       **kw)
         history, seen = history + res.history, seen + res.images_seen
-    return model, res, history, seen, first, diag
+    return SelfTrained(model, res, history, seen, first, diag)

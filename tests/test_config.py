@@ -103,3 +103,32 @@ def test_cudnn_benchmark_switch_reaches_cudnn():
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_code_version_ignores_docstrings_and_comments_but_not_code():
+    from pipeline.tracking import _code_ast
+    src = 'def f(x):\n    """Add one."""\n    return x + 1  # why\n'
+    edited_docs = '"""A module."""\n\n\ndef f(x):\n    """Add one to x, documented at length."""\n    # a new comment\n    return x + 1\n'
+    assert _code_ast(src) == _code_ast(edited_docs)
+    assert _code_ast(src) != _code_ast(src.replace("x + 1", "x + 2"))
+    assert _code_ast(src) != _code_ast(src.replace("def f", "def g"))
+
+
+def test_speed_only_settings_leave_the_reuse_key_and_others_change_it():
+    from pipeline.config import speed_only_keys
+    from pipeline.orchestrate import stage_key
+    assert {"meta.batched", "meta.unroll", "meta.compile", "num_workers", "device"} <= speed_only_keys()
+    base = load_config(None, [])
+    key = stage_key("meta", base, {"backbone": "abc"}, "code")
+    fast = load_config(None, ["meta.batched=true", "meta.unroll=true", "meta.compile=true", "num_workers=2",
+                              "channels_last=off"])
+    assert stage_key("meta", fast, {"backbone": "abc"}, "code") == key
+    for other in (["meta.iterations=7"], ["meta.algorithm=maml"], ["seed=1"]):
+        assert stage_key("meta", load_config(None, other), {"backbone": "abc"}, "code") != key, other
+    assert stage_key("meta", base, {"backbone": "abd"}, "code") != key
+    assert stage_key("meta", base, {"backbone": "abc"}, "code2") != key
+
+
+@pytest.mark.parametrize("text,value", [("on", "on"), ("off", "off"), ("auto", "auto")])
+def test_channels_last_on_off_survive_yaml(text, value):
+    assert load_config(None, [f"channels_last={text}"]).channels_last == value

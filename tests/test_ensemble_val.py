@@ -1,14 +1,9 @@
-"""benchmarks/ensemble_val.py's scoring: validation AUC or log-loss per member and ensemble, and its summary."""
-import importlib.util
-from pathlib import Path
+"""pipeline.selection (what benchmarks/ensemble_val.py prints): validation AUC or log-loss per member and ensemble, and its summary."""
 
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "ensemble_val", Path(__file__).resolve().parent.parent / "benchmarks" / "ensemble_val.py")
-ensemble_val = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ensemble_val)
+from pipeline import selection as ensemble_val
 
 
 def two_class(p1):

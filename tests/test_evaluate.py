@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.data import DataError
 from pipeline.metrics import classification_metrics
-from stages.evaluate import add_ensemble, compute_results, merge_predictions
+from pipeline.evaluate import add_ensemble, compute_results, merge_predictions
 
 
 def write_preds(d, arms, ks=(5, 20), seeds=(0, 1), n=40, skip=()):

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from pipeline.config import FinetuneConfig
-from stages.finetune import build_arm_model, build_job_transform, job_seed, job_subsets, plan_jobs
+from pipeline.finetune import build_arm_model, build_job_transform, job_seed, job_subsets, plan_jobs
 
 
 def test_a_later_seed_range_plans_exactly_the_missing_jobs():

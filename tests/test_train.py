@@ -10,7 +10,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.data import DataError, ImageDataset, Split
 from pipeline.train import FlipTTA, fit, log_loss, predict_proba, select_confident, self_train, unlabelled_pool
 from pipeline.transforms import build_transform
-from stages.finetune import student_transform
+from pipeline.finetune import student_transform
 from tests.tiny import tiny
 
 CPU = torch.device("cpu")

@@ -1,0 +1,140 @@
+"""The MLflow side of the finetune stage: arms from upstream runs, one nested run per job with its curves, test
+metrics, predictions CSV and model, the stage's `predictions/index.json`, and the model registry."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+import torch
+
+from .backbone import create_backbone, load_checkpoint
+from .config import FinetuneConfig, PipelineConfig, parse_arm, replica_name
+from .finetune import Arm, Job, JobResult, TargetInputs
+from .metrics import classification_metrics
+from .predict import PREPROCESS_FILE, preprocess_spec
+from .tracking import download
+
+
+def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict]:
+    """Arm name -> its initial weights and replica number, from the upstream backbone and meta runs (and
+    `finetune.meta_from_runs`), and the backbone checkpoint."""
+    backbone = load_checkpoint(download(inputs["backbone"]["checkpoint_uri"]))
+    meta = None
+    arms: dict[str, Arm] = {}
+    for spec in cfg.finetune.arms:
+        kind, rep = parse_arm(spec)
+        if kind == "scratch":
+            name, ckpt = "scratch", None
+        elif kind == "transfer":
+            name, ckpt = "transfer", backbone
+        else:
+            meta = meta or load_checkpoint(download(inputs["meta"]["checkpoint_uri"]))
+            name, ckpt = f"meta-{inputs['meta'].get('algorithm', 'meta')}", meta
+        arms[replica_name(name, rep)] = Arm(ckpt, rep)
+    for rid in cfg.finetune.meta_from_runs:
+        run = mlflow.get_run(rid)
+        name = f"meta-{run.data.tags.get('algorithm', rid[:8])}-{rid[:6]}"
+        arms[name] = Arm(load_checkpoint(download(f"{run.info.artifact_uri}/checkpoint/model.pt")))
+    return arms, backbone
+
+
+def job_run(job: Job, model_name: str, dataset: str):
+    """The job's nested MLflow run, named `finetune/<arm>/k<k>/seed<s>`."""
+    return mlflow.start_run(run_name=job.name, nested=True,
+                            tags={"pipeline.stage": "finetune-run", "arm": job.arm, "k": str(job.k),
+                                  "seed": str(job.seed), "backbone": model_name, "dataset": dataset})
+
+
+def log_epoch(epoch: int, record: dict[str, float]) -> None:
+    """One point of a job's curves, logged live (epochs count from 1)."""
+    mlflow.log_metrics(record, step=epoch + 1)
+
+
+def log_model(model: torch.nn.Module, spec: dict, example: np.ndarray, work: Path) -> str:
+    """mlflow.pytorch model with signature, input example and the preprocessing spec; returns its URI."""
+    import timm
+    from mlflow.models import infer_signature
+    (work / PREPROCESS_FILE).write_text(json.dumps(spec, indent=1))
+    model = model.cpu().eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(example)).softmax(-1).numpy()
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]  # skips slow inference
+    info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, out),
+                                    input_example=example, extra_files=[str(work / PREPROCESS_FILE)],
+                                    pip_requirements=reqs, serialization_format="pickle")
+    return info.model_uri
+
+
+class JobLogger:
+    """Logs finished jobs into their nested runs (rank 0 only) and collects the stage's prediction index."""
+
+    def __init__(self, data: TargetInputs, ft: FinetuneConfig, arms: dict[str, Arm], out_dir: Path):
+        self.data, self.ft, self.arms, self.out_dir = data, ft, arms, out_dir
+        self.spec = preprocess_spec(data.size, data.dinfo["mean"], data.dinfo["std"], data.target.class_names,
+                                    data.model_name, tta=ft.tta)
+        self.example = data.eval_t(data.split("test").images[0])[None].numpy()
+        self.index: list[dict] = []
+
+    def log(self, res: JobResult, live: bool) -> None:
+        """The job's params, curves (unless logged live), test metrics, predictions CSV and model."""
+        ft, job, te = self.ft, res.job, self.data.split("test")
+        if not live:
+            for e, rec in enumerate(res.history):
+                log_epoch(e, rec)
+        mlflow.log_params({"arm": job.arm, "k": job.k, "seed": job.seed, "replica": self.arms[job.arm].replica,
+                           "n_train": res.n_train, "n_val": res.n_val, "epochs": ft.epochs, "lr_body": ft.lr_body,
+                           "lr_head": ft.lr_head, "warmup_epochs": ft.warmup_epochs, "image_size": self.data.size,
+                           "hflip": ft.hflip, "tta": ft.tta, "label_smoothing": ft.label_smoothing,
+                           "pseudo_per_class": ft.pseudo_per_class, "pseudo_rounds": ft.pseudo_rounds,
+                           "pseudo_augment": ft.pseudo_augment})
+        fname = f"{job.arm}_k{job.k}_seed{job.seed}.csv"
+        df = pd.DataFrame(res.prob, columns=[f"prob_{c}" for c in self.data.target.class_names])
+        df.insert(0, "label", te.labels)
+        df.insert(0, "index", np.arange(len(te)))
+        df.to_csv(self.out_dir / fname, index=False)
+        test = classification_metrics(te.labels, res.prob)
+        mlflow.log_metrics({"best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc,
+                            "seconds": res.seconds, "train_images_per_s": res.train_images / res.seconds,
+                            **res.extra, **{f"test_{m}": v for m, v in test.items()}})
+        mlflow.log_artifact(str(self.out_dir / fname), "predictions")
+        model_uri = ""
+        if ft.log_models:
+            model, _, _ = create_backbone(self.data.model_name, num_classes=self.data.n_classes, weights="none")
+            model.load_state_dict(res.state)
+            model_uri = log_model(model, self.spec, self.example, self.out_dir.parent)
+        self.index.append({"arm": job.arm, "k": job.k, "seed": job.seed, "file": fname,
+                           "run_id": mlflow.active_run().info.run_id, "best_epoch": res.best_epoch + 1,
+                           "best_val_auc": res.best_val_auc, "test_auc": test["auc"], "model_uri": model_uri})
+        print(f"[finetune] {job.name}: val AUC {res.best_val_auc:.3f} (epoch {res.best_epoch + 1}), "
+              f"test AUC {test['auc']:.3f}, {res.seconds:.1f}s", flush=True)
+
+    def write_index(self) -> None:
+        """`predictions/index.json` and every CSV into the stage run: the full set the evaluate stage reads."""
+        ft, t = self.ft, self.data.target
+        meta = {"class_names": t.class_names, "dataset": t.name, "source": t.source, "arms": list(self.arms),
+                "shots": ft.shots, "seeds": ft.seeds, "first_seed": ft.first_seed, "runs": self.index}
+        (self.out_dir / "index.json").write_text(json.dumps(meta, indent=1))
+        mlflow.log_artifacts(str(self.out_dir), "predictions")
+
+
+def register_best(index: list[dict], registry: str) -> dict[str, str]:
+    """Register each arm's run with the best validation AUC (never test) as `<registry>-<arm>`."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient()
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in index):
+        best = max((r for r in index if r["arm"] == arm and r.get("model_uri")), key=lambda r: r["best_val_auc"],
+                   default=None)
+        if best is None:
+            continue
+        mv = mlflow.register_model(best["model_uri"], f"{registry}-{arm}")
+        for key in ("k", "seed", "best_val_auc", "test_auc", "run_id"):
+            client.set_model_version_tag(mv.name, mv.version, key, str(best[key]))
+        out[arm] = f"models:/{mv.name}/{mv.version}"
+        print(f"[finetune] registered {out[arm]} (k={best['k']}, seed={best['seed']}, "
+              f"val AUC {best['best_val_auc']:.3f})", flush=True)
+    return out
