@@ -41,7 +41,7 @@ class DataConfig:
     """Where data sets live and how images are brought to the backbone."""
 
     root: str = ""  # "" -> $PIPELINE_DATA_ROOT, else ./data
-    sources: list[str] = field(default_factory=lambda: list(SOURCE_POOL))
+    sources: list[str] = field(default_factory=lambda: list(SOURCE_POOL))  # source pool for meta-training (npz names)
     image_size: int = 64  # side length fed to the backbone (images are resized, small ones upsampled)
     skip_corrupt: bool = False  # skip unreadable images with a warning instead of failing
     min_image_size: int = 8  # images smaller than this (either side) are an error
@@ -56,43 +56,47 @@ class TargetConfig:
     label_key: str = "labels"  # npz label key stem: `labels` -> train_labels, `labels3` -> train_labels3
     class_names: list[str] = field(default_factory=list)  # expected classes; [] accepts what the data has
     val_fraction: float = 0.1  # for data without given splits
-    test_fraction: float = 0.2
-    split_seed: int = 0
+    test_fraction: float = 0.2  # for data without given splits
+    split_seed: int = 0  # seed of the splits the pipeline makes for data without given splits
 
 
 @dataclass
 class BackboneConfig:
-    model: str = "tf_efficientnet_lite0"
+    """The timm model and where its ImageNet weights come from."""
+
+    model: str = "tf_efficientnet_lite0"  # any timm model name; Lite0-2 weights install offline
     weights: str = "imagenet"  # imagenet | none
     weights_file: str = ""  # explicit state_dict / checkpoint file; wins over every other source
 
 
 @dataclass
 class MetaConfig:
+    """Meta-training on N-way K-shot tasks from the source pool (the meta stage)."""
+
     algorithm: str = "reptile"  # maml | fomaml | anil | reptile | metasgd (pipeline/meta/algorithms.py)
     ways: int = 3  # 3-way keeps six of the seven source sets usable for within-data-set tasks
-    shots: int = 5
-    queries: int = 15
-    inner_steps: int = 5
-    inner_lr: float = 0.01
-    meta_batch: int = 4
-    iterations: int = 300
+    shots: int = 5  # support images per class in a task
+    queries: int = 15  # query images per class in a task
+    inner_steps: int = 5  # inner-loop SGD steps per task (training and validation)
+    inner_lr: float = 0.01  # inner-loop learning rate (Meta-SGD: the initial per-entry rate)
+    meta_batch: int = 4  # tasks per outer step
+    iterations: int = 300  # outer steps
     outer_lr: float = 1e-3  # Adam LR for MAML-family; Reptile's epsilon is `reptile_epsilon`
-    reptile_epsilon: float = 0.5
+    reptile_epsilon: float = 0.5  # Reptile outer step size: θ ← θ + ε·mean(θ̃ − θ)
     lr_schedule: str = "cosine"  # cosine | constant
     task_mode: str = "within"  # within: a task's classes come from one data set; across: from any
     disjoint_classes: bool = False  # meta-validation on classes held out of meta-training
-    val_every: int = 50
-    val_tasks: int = 20
-    checkpoint_every: int = 50
+    val_every: int = 50  # meta-validate every this many iterations (and at the end)
+    val_tasks: int = 20  # fixed meta-validation tasks from the sources' val splits
+    checkpoint_every: int = 50  # write the resumable training state every this many iterations
     # vmap over a meta-batch's tasks; the per-task loop is faster and far leaner on CPU (benchmark)
     batched: bool = field(default=False, metadata=SPEED)
     # MAML/Meta-SGD: backprop through all inner steps' graphs instead of the leaner reverse sweep
     unroll: bool = field(default=False, metadata=SPEED)
     # torch.compile the per-task gradient/HVP functions: faster MAML after minutes of compiling
     compile: bool = field(default=False, metadata=SPEED)
-    augment: bool = False
-    bn_recalibration_batches: int = 20
+    augment: bool = False  # augment meta-training task images
+    bn_recalibration_batches: int = 20  # source batches that re-estimate BatchNorm statistics before saving
     zero_head: bool = True  # start the N-way head at zero: initial loss log(N), no random-head gradients into the body
     rezero_head: bool = False  # zero the head again after every outer step: only the body is meta-learned
     from_run: str = ""  # explicit backbone run id
@@ -100,21 +104,23 @@ class MetaConfig:
 
 @dataclass
 class FinetuneConfig:
+    """The few-shot fine-tune of every arm on paired k-shot subsets (the finetune stage)."""
+
     # scratch, transfer, meta; `<arm>.r<n>` (n >= 1) is replica n of an arm: the same initial weights and k-shot
     # subsets, another seed for the head, augmentation, batch order and dropout (e.g. an ensemble control)
     arms: list[str] = field(default_factory=lambda: ["scratch", "transfer", "meta"])
-    shots: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
-    seeds: int = 5
+    shots: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])  # k: labelled images per class
+    seeds: int = 5  # paired k-shot subsets (seed numbers) per k
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (add seeds to an experiment without redoing any)
     val_per_class: int = 50  # labelled validation images per class for model selection (0 = whole split)
     image_size: int = 128  # side length for fine-tuning and test (0 = data.image_size): upsampled for ImageNet bodies
-    epochs: int = 30
+    epochs: int = 30  # fine-tuning epochs (early stopping may end sooner)
     warmup_epochs: int = 5  # linear probe (body frozen) before the full fine-tune
-    batch_size: int = 32
-    lr_head: float = 3e-3
-    lr_body: float = 1e-3
-    weight_decay: float = 1e-4
-    augment: bool = True
+    batch_size: int = 32  # training batch size (at most the training set)
+    lr_head: float = 3e-3  # AdamW learning rate of the head (cosine decay after the warm-up)
+    lr_body: float = 1e-3  # AdamW learning rate of the body (0 during the warm-up)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    augment: bool = True  # small rotations, shifts, zooms, brightness/contrast/gamma, slight blur
     hflip: bool = False  # add horizontal flips to the augmentation (off: chest anatomy is left-right asymmetric)
     tta: bool = False  # average logits over the image and its horizontal flip at validation and test
     class_balance: bool = True  # class-weighted loss against imbalance
@@ -144,8 +150,10 @@ class FinetuneConfig:
 
 @dataclass
 class EvaluateConfig:
-    bootstrap: int = 1000
-    ci: float = 0.95
+    """Scoring the test predictions: intervals, paired comparisons, ensembles, merged runs."""
+
+    bootstrap: int = 1000  # bootstrap resamples of the test split per run (0: none)
+    ci: float = 0.95  # confidence level of every interval
     reference_arm: str = "transfer"  # other arms are compared to this one, paired by (k, seed)
     from_run: str = ""  # explicit finetune run id
     ensemble: bool = True  # add an `ensemble` arm: mean probabilities of transfer and meta-* arms per (k, seed)
@@ -159,8 +167,10 @@ class EvaluateConfig:
 
 @dataclass
 class PipelineConfig:
-    experiment: str = "fewshot-medmeta"
-    seed: int = 0
+    """The whole pipeline's config: one section per stage plus run-wide settings."""
+
+    experiment: str = "fewshot-medmeta"  # MLflow experiment the runs go to
+    seed: int = 0  # pipeline seed: meta-training episodes, k-shot subsets (split seed = 1000 * seed + seed number)
     device: str = field(default="auto", metadata=SPEED)  # auto | cpu | cuda | cuda:N | mps
     num_workers: int = field(default=0, metadata=SPEED)  # DataLoader worker processes
     # auto | on | off (auto: on for GPUs, and on CPU except for second-order MAML)

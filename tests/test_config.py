@@ -132,3 +132,15 @@ def test_speed_only_settings_leave_the_reuse_key_and_others_change_it():
 @pytest.mark.parametrize("text,value", [("on", "on"), ("off", "off"), ("auto", "auto")])
 def test_channels_last_on_off_survive_yaml(text, value):
     assert load_config(None, [f"channels_last={text}"]).channels_last == value
+
+
+def test_configuration_reference_is_current_and_documents_every_key():
+    """docs/configuration.md is what `python -m pipeline.config_docs` writes (regenerate it after changing the
+    config); every key of every section is in it."""
+    from pipeline.config import PipelineConfig
+    from pipeline.config_docs import DOC, render
+    from pipeline.tracking import flatten
+    text = render()
+    assert DOC.read_text() == text, "docs/configuration.md is stale: run `python -m pipeline.config_docs`"
+    for key in flatten(PipelineConfig().to_dict()):
+        assert f"| `{key}` |" in text, key
