@@ -4,7 +4,7 @@ reverse sweep's unit of work), contiguous or channels-last; profiler op counts.
 
     python benchmarks/double_backward.py [--device cpu] [--size 64] [--batch 100] [--reps 2]
 
-The figures behind `channels_last: auto` and the depthwise change in the README.
+The figures behind `channels_last: auto` and the depthwise change in docs/benchmarks.md and docs/gpu.md.
 """
 from __future__ import annotations
 

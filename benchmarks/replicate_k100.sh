@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# k=100 on fresh seeds, chosen by validation log-loss (README, "k=100 on fresh seeds 5-9, chosen by validation log-loss"):
+# k=100 on fresh seeds, chosen by validation log-loss (docs/experiments/11-k100-fresh-seeds-log-loss.md):
 # a Lite0 and a Lite2 backbone run, then for each seed the noisy-student self-trained transfer arm of each body
 # (configs/selftrain.yaml, finetune.pseudo_augment=strong, the default), one finetune run per (body, seed) so that
 # every finished seed is complete; then the validation comparison (log-loss and AUC, test split not read) and the
-# evaluate stage (test). Logs to benchmarks/logs/replicate_k100_{runs,val}.log.
+# evaluate stage (test). Logs to docs/experiments/logs/replicate_k100_{runs,val}.log.
 #   PIPELINE_DATA_ROOT=../shared/data bash benchmarks/replicate_k100.sh        # seeds 5-8
 #   FIRST=5 LAST=5 bash benchmarks/replicate_k100.sh                            # one seed
 # Resume in the same MLflow store (same backbone runs, finished seeds reused, the rest run):
@@ -12,8 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CFG=configs/selftrain.yaml
 FIRST=${FIRST:-5}
-LAST=${LAST:-8}  # pre-registered 5-9, amended to 5-8 before any result (README)
-LOG=benchmarks/logs/replicate_k100_runs.log
+LAST=${LAST:-8}  # pre-registered 5-9, amended to 5-8 before any result (docs/experiments/11-k100-fresh-seeds-log-loss.md)
+LOG=docs/experiments/logs/replicate_k100_runs.log
 LITE2=(--set backbone.model=tf_efficientnet_lite2)
 K100=(--set 'finetune.arms=[transfer]' --set 'finetune.shots=[100]' --set finetune.seeds=1)
 run_id() { sed -n "s/^$1: run //p" | tail -1; }   # the CLI's last line: "<stage>: run <id>"
@@ -40,7 +40,7 @@ done
 RUNS=("${F0[@]}"); for r in "${F2[@]}"; do RUNS+=("lite2=$r"); done   # Lite2's arm is lite2.transfer in both
 VAL=(); for r in "${RUNS[@]}"; do VAL+=(--run "$r"); done
 python benchmarks/ensemble_val.py --config $CFG "${VAL[@]}" --members transfer,lite2.transfer \
-  --compare lite2.transfer,transfer --metric log_loss --metric auc | tee benchmarks/logs/replicate_k100_val.log
+  --compare lite2.transfer,transfer --metric log_loss --metric auc | tee docs/experiments/logs/replicate_k100_val.log
 MERGE=$(IFS=,; echo "${RUNS[*]:1}")   # every run but the first, which is evaluate's upstream run
 python -m pipeline run --stage evaluate --config $CFG "${K100[@]}" --set evaluate.ensemble=false \
   --set evaluate.from_run="${F0[0]}" --set "evaluate.merge_runs=[$MERGE]" \

@@ -1,5 +1,5 @@
 """Wall time, peak GPU memory and throughput of each stage run of the latest `--stage all` pipeline run in an
-MLflow store (what the README's GPU table reports). With --standalone: the latest top-level run of each stage
+MLflow store (what docs/gpu.md's tables report). With --standalone: the latest top-level run of each stage
 instead, for stages run one at a time (e.g. meta and finetune under torchrun). With --run: that run (a pipeline
 run: its stage runs; a stage run: it alone), for any run of the store, not only the latest.
 

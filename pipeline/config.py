@@ -138,7 +138,7 @@ class FinetuneConfig:
     pseudo_warmup_epochs: int = 2  # the student's linear-probe epochs
     pseudo_rounds: int = 1  # rounds of self-training: from the second on, the last student is the teacher
     # the student's augmentation: "strong" (noisy student: wider ranges, CLAHE, noise, cut-out; pipeline/transforms.py;
-    # chosen on validation at k=20 and k=100, README "Noisy-student self-training") or "recipe" (the teacher's)
+    # chosen on validation at k=20 and k=100, docs/experiments/09-noisy-student.md) or "recipe" (the teacher's)
     pseudo_augment: str = "strong"
     min_steps_per_epoch: int = 4  # tiny k: repeat the set so an epoch has a few steps
     log_models: bool = True  # log every final model with mlflow.pytorch (signature, input example, preprocessing)
