@@ -16,7 +16,7 @@ from .config import FinetuneConfig, PipelineConfig, parse_arm, replica_name
 from .finetune import Arm, Job, JobResult, TargetInputs
 from .metrics import classification_metrics
 from .predict import PREPROCESS_FILE, preprocess_spec
-from .tracking import download
+from .tracking import download, main_client, process_tags
 
 
 def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict]:
@@ -42,11 +42,48 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict]:
     return arms, backbone
 
 
-def job_run(job: Job, model_name: str, dataset: str):
-    """The job's nested MLflow run, named `finetune/<arm>/k<k>/seed<s>`."""
+JOB_FILE = "job.json"  # a job run's index entry, logged last: a FINISHED job run holding it is complete
+
+
+def job_run(job: Job, model_name: str, dataset: str, stage_key: str):
+    """The job's nested MLflow run, named `finetune/<arm>/k<k>/seed<s>`, tagged with its stage's key."""
     return mlflow.start_run(run_name=job.name, nested=True,
-                            tags={"pipeline.stage": "finetune-run", "arm": job.arm, "k": str(job.k),
-                                  "seed": str(job.seed), "backbone": model_name, "dataset": dataset})
+                            tags={"pipeline.stage": "finetune-run", "pipeline.stage_key": stage_key, "arm": job.arm,
+                                  "k": str(job.k), "seed": str(job.seed), "backbone": model_name, "dataset": dataset,
+                                  **process_tags()})
+
+
+def finished_jobs(stage_key: str, out_dir: Path, log_models: bool) -> dict[Job, dict]:
+    """Jobs that finished under this stage key in an earlier finetune stage run that did not finish (a process that
+    was killed, or failed): their index entries, with their prediction CSVs downloaded into `out_dir`. Such a job
+    is kept as it is (its run, predictions and model), not trained again. Jobs of a FINISHED stage run are not
+    taken: that run is reused whole, or `--force` recomputes everything."""
+    if not stage_key:
+        return {}
+    client = main_client()
+    active = mlflow.active_run()
+    exp = client.get_experiment_by_name(mlflow.get_experiment(active.info.experiment_id).name)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`pipeline.stage` = 'finetune-run' and "
+                                           f"tags.`pipeline.stage_key` = '{stage_key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=10000)
+    parents: dict[str, str] = {}
+    out: dict[Job, dict] = {}
+    for r in runs:
+        parent = r.data.tags.get("mlflow.parentRunId", "")
+        if parent not in parents:
+            parents[parent] = client.get_run(parent).info.status if parent else "FINISHED"
+        if parents[parent] not in ("KILLED", "FAILED"):  # a finished stage, or a live process's
+            continue
+        job = Job(int(r.data.tags["k"]), int(r.data.tags["seed"]), r.data.tags["arm"])
+        if job in out or not any(a.path == JOB_FILE for a in client.list_artifacts(r.info.run_id)):
+            continue
+        entry = json.loads(download(f"{r.info.artifact_uri}/{JOB_FILE}").read_text())
+        if log_models and not entry.get("model_uri"):
+            continue
+        download(f"{r.info.artifact_uri}/predictions/{entry['file']}", str(out_dir))
+        out[job] = entry
+    return out
 
 
 def log_epoch(epoch: int, record: dict[str, float]) -> None:
@@ -106,11 +143,19 @@ class JobLogger:
             model, _, _ = create_backbone(self.data.model_name, num_classes=self.data.n_classes, weights="none")
             model.load_state_dict(res.state)
             model_uri = log_model(model, self.spec, self.example, self.out_dir.parent)
-        self.index.append({"arm": job.arm, "k": job.k, "seed": job.seed, "file": fname,
-                           "run_id": mlflow.active_run().info.run_id, "best_epoch": res.best_epoch + 1,
-                           "best_val_auc": res.best_val_auc, "test_auc": test["auc"], "model_uri": model_uri})
+        entry = {"arm": job.arm, "k": job.k, "seed": job.seed, "file": fname, "run_id": mlflow.active_run().info.run_id,
+                 "best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc, "test_auc": test["auc"],
+                 "model_uri": model_uri}
+        mlflow.log_dict(entry, JOB_FILE)  # last: the job is complete (`finished_jobs`)
+        self.index.append(entry)
         print(f"[finetune] {job.name}: val AUC {res.best_val_auc:.3f} (epoch {res.best_epoch + 1}), "
               f"test AUC {test['auc']:.3f}, {res.seconds:.1f}s", flush=True)
+
+    def keep(self, job: Job, entry: dict) -> None:
+        """A job finished by an earlier, interrupted stage run (`finished_jobs`): its entry joins the index as it is."""
+        self.index.append(entry)
+        print(f"[finetune] {job.name}: kept from run {entry['run_id']} (finished before the stage was interrupted), "
+              f"test AUC {entry['test_auc']:.3f}", flush=True)
 
     def write_index(self) -> None:
         """`predictions/index.json` and every CSV into the stage run: the full set the evaluate stage reads."""

@@ -18,8 +18,8 @@ import torch
 from . import distributed
 from .config import PipelineConfig, parse_arm, parse_merge_run, speed_only_keys
 from .scratch import clean_scratch
-from .tracking import (code_version, find_finished_run, git_commit, log_config, main_client, run_outputs,
-                       setup_tracking, tracked_run)
+from .tracking import (close_dead_runs, code_version, find_finished_run, git_commit, log_config, main_client,
+                       run_outputs, setup_tracking, tracked_run)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ class Runner:
     def __init__(self, cfg: PipelineConfig, force: bool = False, resume: bool = True):
         self.cfg, self.force, self.resume = cfg, force, resume
         self.exp_id = setup_tracking(cfg.experiment)
+        if distributed.is_main():  # runs left RUNNING by processes that were killed outright (SIGKILL, OOM)
+            for rid in close_dead_runs():
+                print(f"[pipeline] marked run {rid} KILLED: its process no longer exists", flush=True)
         self.code = code_version()
         self.outputs: dict[str, dict[str, str]] = {}
 

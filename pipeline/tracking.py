@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,13 +37,35 @@ def main_client():
     return MlflowClient(tracking_uri=MAIN_STORE["uri"] or None)
 
 
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise creating or migrating an SQLite store and creating experiments in it, across processes (a file
+    lock beside the database): two processes starting on a store that does not exist yet otherwise race in MLflow's
+    schema migration (`sqlite3.OperationalError: duplicate column name`)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def setup_tracking(experiment: str) -> str:
     """Point MLflow at the store and select (or create) the experiment; returns the experiment id."""
     uri = default_tracking_uri()
     MAIN_STORE["uri"] = uri
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        return _select_experiment(uri, experiment)
+
+
+def _select_experiment(uri: str, experiment: str) -> str:
     launched = os.environ.get("MLFLOW_RUN_ID")  # started by `mlflow run`: work inside that run's experiment
     if launched:
         exp_id = main_client().get_run(launched).info.experiment_id
@@ -114,11 +138,58 @@ def log_config(cfg_dict: dict[str, Any]) -> None:
     mlflow.log_text(yaml.safe_dump(cfg_dict, sort_keys=False), "config.yaml")
 
 
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), None if there is no such process."""
+    import psutil
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # another user's live process
+        return -1.0
+
+
+def process_tags() -> dict[str, str]:
+    """Tags that say which process owns a run (host, pid, process start time), so a later process can tell a run
+    left RUNNING by a dead process from a live one (`close_dead_runs`)."""
+    return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid()),
+            "pipeline.pid_start": f"{_process_start(os.getpid()):.3f}"}
+
+
+def close_dead_runs(client=None) -> list[str]:
+    """Mark KILLED every RUNNING run of this store whose owning process (by `process_tags`) was on this host and no
+    longer exists (pid gone, or reused by a process that started later); its tag `pipeline.closed` says why. Runs
+    of live processes, of other hosts and without those tags are left alone. Returns the closed run ids."""
+    client = client or main_client()
+    host, closed = socket.gethostname(), []
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    if not exp_ids:
+        return closed
+    running = client.search_runs(exp_ids, filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    for r in running:
+        tags = r.data.tags
+        if tags.get("pipeline.host") != host or "pipeline.pid" not in tags:
+            continue
+        pid, started = int(tags["pipeline.pid"]), float(tags.get("pipeline.pid_start", "0") or 0)
+        now_started = _process_start(pid)
+        if now_started is not None and (now_started < 0 or abs(now_started - started) < 1.0):
+            continue  # the owner is alive
+        client.set_tag(r.info.run_id, "pipeline.closed",
+                       f"left RUNNING by process {pid} on {host}, which no longer exists; marked KILLED by process "
+                       f"{os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+        client.set_terminated(r.info.run_id, "KILLED")
+        closed.append(r.info.run_id)
+    if closed:
+        log.warning("marked %d run(s) of dead processes KILLED: %s", len(closed), ", ".join(closed))
+    return closed
+
+
 @contextmanager
 def tracked_run(name: str, tags: dict[str, str], nested: bool = False,
                 system_metrics: bool = True) -> Iterator[Run]:
     """Start a run; end it FINISHED, or FAILED (exception) / KILLED (Ctrl-C, SIGTERM) with the error logged."""
-    run = mlflow.start_run(run_name=name, nested=nested, tags=tags, log_system_metrics=system_metrics)
+    run = mlflow.start_run(run_name=name, nested=nested, tags={**tags, **process_tags()},
+                           log_system_metrics=system_metrics)
     try:
         yield run
     except BaseException as e:

@@ -13,7 +13,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data import load_target
 from pipeline.device import configure, device_name, resolve_device, use_channels_last
 from pipeline.finetune import plan_jobs, prepare_inputs, train_job
-from pipeline.finetune_runs import JobLogger, job_run, load_arms, log_epoch, register_best
+from pipeline.finetune_runs import JobLogger, finished_jobs, job_run, load_arms, log_epoch, register_best
 from pipeline.scratch import scratch_dir
 
 
@@ -36,25 +36,28 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     out_dir.mkdir()
     logger = JobLogger(data, ft, arms, out_dir)
     speed = {"dev": dev, "channels_last": cl, "num_workers": cfg.num_workers, "compile": cfg.compile}
+    key = mlflow.active_run().data.tags.get("pipeline.stage_key", "")
+    done = finished_jobs(key, out_dir, ft.log_models) if inputs.get("resume", True) else {}  # resume
     jobs = plan_jobs(ft, list(arms))
     t_start = time.time()
-    if world == 1:  # curves go to MLflow live, epoch by epoch
-        for job in jobs:
-            with job_run(job, data.model_name, target.name):
-                logger.log(train_job(data, ft, job, arms[job.arm], cfg.seed, on_epoch=log_epoch, **speed), live=True)
-    else:  # each rank trains its share; rank 0 receives the results and logs every run, in job order
-        mine = distributed.shard(jobs)
+    results = {}
+    if world > 1:  # each rank trains its share; rank 0 receives the results and logs every run, in job order
+        mine = distributed.shard([job for job in jobs if job not in done])
         print(f"[finetune] rank {rank}/{world} on {dev}: {len(mine)} of {len(jobs)} runs", flush=True)
         results = {job: replace(train_job(data, ft, job, arms[job.arm], cfg.seed, **speed), model=None)
                    for job in mine}
         gathered = distributed.gather_to_main(results)
-        if gathered is not None:
-            results = {j: r for part in gathered for j, r in part.items()}
-            for job in jobs:
-                with job_run(job, data.model_name, target.name):
-                    logger.log(results[job], live=False)
-    if rank != 0:
-        return {}
+        if gathered is None:
+            return {}
+        results = {j: r for part in gathered for j, r in part.items()}
+    for job in jobs:  # in job order; one process trains here, its curves going to MLflow live, epoch by epoch
+        if job in done:
+            logger.keep(job, done[job])
+            continue
+        with job_run(job, data.model_name, target.name, key):
+            live = job not in results
+            res = train_job(data, ft, job, arms[job.arm], cfg.seed, on_epoch=log_epoch, **speed) if live else results[job]
+            logger.log(res, live=live)
     logger.write_index()
     mlflow.log_metric("finetune_seconds", time.time() - t_start)
     out = {"predictions_uri": mlflow.get_artifact_uri("predictions")}

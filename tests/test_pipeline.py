@@ -266,6 +266,57 @@ def test_meta_interrupted_by_sigterm_resumes_to_the_same_weights(tmp_path, real_
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
 
 
+FT = ["--config", SMOKE, "--set", "finetune.arms=[scratch,transfer]", "--set", "finetune.seeds=2"]  # 8 jobs
+
+
+def evaluate_results(uri, tmp_path, name):
+    ev = next(r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "evaluate")
+    mlflow.set_tracking_uri(uri)
+    return json.loads(Path(mlflow.artifacts.download_artifacts(f"{ev.info.artifact_uri}/results.json",
+                                                               dst_path=str(tmp_path / name))).read_text())
+
+
+def test_finetune_killed_by_sigkill_keeps_finished_jobs_and_ends_as_uninterrupted(tmp_path, real_data):
+    """SIGKILL the finetune stage after some of its jobs finished; the same command again keeps those jobs' runs as
+    they are, trains only the missing ones, closes the killed process's runs as KILLED, and gives the results.json
+    of an uninterrupted run."""
+    root = ["--set", f"data.root={real_data}"]
+    uri_a = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    (tmp_path / "a").mkdir()
+    cli(["run", "--stage", "backbone,finetune,evaluate", *FT, *root], tmp_path / "a", uri_a)
+    full = evaluate_results(uri_a, tmp_path, "full")
+
+    b = tmp_path / "b"
+    b.mkdir()
+    uri_b = f"sqlite:///{b / 'mlflow.db'}"
+    cli(["run", "--stage", "backbone", *FT, *root], b, uri_b)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri_b}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "finetune,evaluate", *FT, *root],
+                            cwd=b, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and len(list(b.glob("**/job.json"))) < 3:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finetune finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    before = {r.info.run_id: r for r in runs(uri_b, "fewshot-medmeta-smoke")}
+    kept = {r.info.run_id for r in before.values() if r.data.tags.get("pipeline.stage") == "finetune-run"
+            and r.info.status == "FINISHED"}
+    stuck = {r.info.run_id for r in before.values() if r.info.status == "RUNNING"}
+    assert len(kept) >= 3 and len(stuck) >= 2  # parent, stage (and the job in flight, if it had started)
+
+    p = cli(["run", "--stage", "finetune,evaluate", *FT, *root], b, uri_b)
+    assert p.stdout.count("kept from run") == len(kept)
+    after = {r.info.run_id: r for r in runs(uri_b, "fewshot-medmeta-smoke")}
+    for rid in stuck:  # the killed process's runs are closed, saying why
+        assert after[rid].info.status == "KILLED" and "no longer exists" in after[rid].data.tags["pipeline.closed"]
+    jobs = [r for r in after.values() if r.data.tags.get("pipeline.stage") == "finetune-run"
+            and r.info.status == "FINISHED"]
+    assert len(jobs) == 8  # the kept ones were not trained again nor copied into new runs
+    assert all(after[rid].info.end_time == before[rid].info.end_time for rid in kept)
+    assert evaluate_results(uri_b, tmp_path, "resumed") == full
+
+
 def test_own_jpeg_folder_three_classes_end_to_end(tmp_path, real_data):
     """A real folder of JPEGs (made from the Kermany npz, 3 classes: normal/bacterial/viral) runs through
     finetune and evaluate, with class names kept in order and macro AUC."""
