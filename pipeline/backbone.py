@@ -85,7 +85,12 @@ def rename_lukemelas_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects beyond tensors
+        raise WeightsError(f"{path} cannot be read as a state_dict file ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}); give a file saved with torch.save(model.state_dict())"
+                           ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -379,9 +379,37 @@ def validate(cfg: PipelineConfig) -> None:
         "meta.queries": cfg.meta.queries, "meta.meta_batch": cfg.meta.meta_batch,
         "finetune.seeds": cfg.finetune.seeds, "finetune.batch_size": cfg.finetune.batch_size,
     }
+    positive |= {
+        "finetune.epochs": cfg.finetune.epochs, "finetune.patience": cfg.finetune.patience,
+        "finetune.min_steps_per_epoch": cfg.finetune.min_steps_per_epoch, "meta.inner_steps": cfg.meta.inner_steps,
+        "meta.val_every": cfg.meta.val_every, "meta.val_tasks": cfg.meta.val_tasks,
+        "meta.checkpoint_every": cfg.meta.checkpoint_every, "data.min_image_size": cfg.data.min_image_size,
+    }
     for key, val in positive.items():
         if val < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {val}")
+    non_negative = {
+        "finetune.warmup_epochs": cfg.finetune.warmup_epochs, "finetune.val_per_class": cfg.finetune.val_per_class,
+        "finetune.lr_body": cfg.finetune.lr_body, "finetune.weight_decay": cfg.finetune.weight_decay,
+        "meta.iterations": cfg.meta.iterations, "meta.bn_recalibration_batches": cfg.meta.bn_recalibration_batches,
+        "evaluate.bootstrap": cfg.evaluate.bootstrap, "num_workers": cfg.num_workers,
+    }
+    for key, val in non_negative.items():
+        if val < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {val}")
+    rates = {"finetune.lr_head": cfg.finetune.lr_head, "meta.inner_lr": cfg.meta.inner_lr,
+             "meta.outer_lr": cfg.meta.outer_lr, "meta.reptile_epsilon": cfg.meta.reptile_epsilon}
+    for key, val in rates.items():
+        if not val > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {val}")
+    fractions = {"target.val_fraction": cfg.target.val_fraction, "target.test_fraction": cfg.target.test_fraction,
+                 "evaluate.ci": cfg.evaluate.ci}
+    for key, val in fractions.items():
+        if not 0.0 < val < 1.0:
+            raise ConfigError(f"config key '{key}' must be between 0 and 1, got {val}")
+    if cfg.target.val_fraction + cfg.target.test_fraction >= 1.0:
+        raise ConfigError(f"config keys 'target.val_fraction' + 'target.test_fraction' must be < 1 (the rest is "
+                          f"train), got {cfg.target.val_fraction} + {cfg.target.test_fraction}")
     if cfg.finetune.first_seed < 0:
         raise ConfigError(f"config key 'finetune.first_seed' must be >= 0, got {cfg.finetune.first_seed}")
     if cfg.finetune.image_size < 0:

@@ -140,22 +140,34 @@ def student_transform(ft: FinetuneConfig, train_t: AlbumentationsTransform, size
     return build_job_transform(ft, size, dinfo, split_seed, strong=True) if ft.pseudo_augment == "strong" else train_t
 
 
+def check_target(cfg: PipelineConfig, target: LabeledData) -> int:
+    """What a sweep needs of the target, checked before any training: every class in validation, enough images
+    of each class for every k of `finetune.shots` (and, with self-training, unlabelled images left over). Returns
+    the validation images per class for model selection."""
+    ft, C = cfg.finetune, len(target.class_names)
+    tr, va = target.splits["train"], target.splits["val"]
+    if len(np.unique(va.labels)) < C:
+        raise DataError(f"{target.source}: the validation split lacks some of the classes {target.class_names}; "
+                        f"model selection needs every class in val")
+    n_val = selection_size(ft.val_per_class, va.labels)
+    for k in ft.shots:
+        job_subsets(tr.labels, va.labels, k, n_val, cfg.seed, 0, target.source)
+    if ft.pseudo_per_class and max(ft.shots) * C >= len(tr.labels):
+        raise DataError(f"{target.source}: self-training needs unlabelled train images, but k={max(ft.shots)} uses all "
+                        f"{len(tr.labels)}; lower finetune.shots or set finetune.pseudo_per_class=0")
+    return n_val
+
+
 def prepare_inputs(cfg: PipelineConfig, target: LabeledData, backbone: dict, with_test: bool = True,
                    num_workers: int = 0) -> TargetInputs:
     """The shared inputs of a sweep on `target` with the backbone checkpoint's preprocessing; checks, before any
     training, that validation has every class and that every k of `finetune.shots` has enough images."""
     ft = cfg.finetune
-    C = len(target.class_names)
-    dinfo = resolve_data_info(build_from_checkpoint(backbone, C))
+    dinfo = resolve_data_info(build_from_checkpoint(backbone, len(target.class_names)))
     size = ft.image_size or cfg.data.image_size
     eval_t = build_transform(size, dinfo["mean"], dinfo["std"], train=False)
     tr, va, te = (target.splits[s] for s in ("train", "val", "test"))
-    if len(np.unique(va.labels)) < C:
-        raise DataError(f"{target.source}: the validation split lacks some of the classes {target.class_names}; "
-                        f"model selection needs every class in val")
-    n_val = selection_size(ft.val_per_class, va.labels)
-    for k in ft.shots:  # fail on too-few-images before any training, on every rank
-        job_subsets(tr.labels, va.labels, k, n_val, cfg.seed, 0, target.source)
+    n_val = check_target(cfg, target)
     x_test = stack_inputs(ImageDataset(te.images, te.labels, eval_t), num_workers) if with_test else None
     x_val = stack_inputs(ImageDataset(va.images, va.labels, eval_t), num_workers)
     return TargetInputs(target, backbone["model_name"], dinfo, size, eval_t, x_val, x_test, n_val)

@@ -17,6 +17,7 @@ import torch
 
 from . import distributed
 from .config import PipelineConfig, parse_arm, parse_merge_run, speed_only_keys
+from .preflight import check_inputs
 from .scratch import clean_scratch
 from .tracking import (close_dead_runs, code_version, find_finished_run, git_commit, log_config, main_client,
                        run_outputs, setup_tracking, tracked_run)
@@ -177,6 +178,7 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str], force: bool = False, re
                  ) -> dict[str, dict[str, str]]:
     """Run `stages` (in pipeline order); returns each stage's outputs (run_id plus artifact URIs)."""
     try:
+        check_inputs(cfg, stages)  # bad input stops here, before any stage spends time or a run is opened
         return Runner(cfg, force, resume).run(stages)
     finally:
         clean_scratch()  # outputs are run ids and artifact URIs, never scratch paths

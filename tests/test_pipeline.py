@@ -172,18 +172,63 @@ def test_same_config_and_seed_give_identical_metrics(smoke):
     ("target.name=no_such_set", "no_such_set.npz not found"),
 ])
 def test_bad_input_fails_cleanly_with_no_run_left_running(tmp_path, real_data, override, msg):
+    """Caught before the first stage starts: no stage ran, no run was opened."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "tmpdir").mkdir()
     p = cli(["run", "--stage", "backbone,finetune", "--config", SMOKE, "--set", f"data.root={real_data}",
              "--set", "finetune.arms=[transfer]", "--set", override], tmp_path, uri, check=False,
             env={"TMPDIR": str(tmp_path / "tmpdir")})
     assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
-    assert leftovers(tmp_path / "tmpdir") == []
-    rs = runs(uri, "fewshot-medmeta-smoke")
-    status = {r.data.tags.get("pipeline.stage"): r.info.status for r in rs}
-    assert status == {"pipeline": "FAILED", "backbone": "FINISHED", "finetune": "FAILED"}
-    failed = next(r for r in rs if r.data.tags.get("pipeline.stage") == "finetune")
-    assert msg in failed.data.tags["error"]
+    assert "starting" not in p.stdout and leftovers(tmp_path / "tmpdir") == []
+    assert runs(uri, "fewshot-medmeta-smoke") == []
+
+
+def test_a_failing_stage_ends_its_runs_failed_with_the_error(tmp_path, real_data):
+    """An error that only a stage can find (here: the backbone's weights file is not a state dict) ends the stage
+    run and the parent FAILED, the error logged; nothing stays RUNNING."""
+    bad = tmp_path / "weights.pt"
+    bad.write_text("not a checkpoint")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = cli(["run", "--stage", "backbone,meta", "--config", SMOKE, "--set", f"data.root={real_data}",
+             "--set", f"backbone.weights_file={bad}"], tmp_path, uri, check=False)
+    assert p.returncode == 2 and "weights.pt" in p.stderr and "Traceback" not in p.stderr
+    status = {r.data.tags.get("pipeline.stage"): r.info.status for r in runs(uri, "fewshot-medmeta-smoke")}
+    assert status == {"pipeline": "FAILED", "backbone": "FAILED"}
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("backbone.model=resnet999", "'resnet999' is not a timm model (close matches: resnet50"),
+    ("finetune.epochs=0", "'finetune.epochs' must be >= 1"),
+    ("meta.ways=9", "no 9-way task can be drawn"),
+])
+def test_config_and_source_problems_stop_before_any_stage(tmp_path, real_data, override, msg):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = cli(["run", "--stage", "all", "--config", SMOKE, "--set", f"data.root={real_data}", "--set", override],
+            tmp_path, uri, check=False)
+    assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "starting" not in p.stdout and runs(uri, "fewshot-medmeta-smoke") == []
+
+
+@pytest.mark.parametrize("problem", ["one class", "truncated jpeg"])
+def test_unusable_target_folder_stops_before_backbone_and_meta(tmp_path, real_data, problem):
+    """A user's folder that cannot be used is reported before the backbone and meta stages run."""
+    from PIL import Image
+    z = np.load(real_data / "kermany_pneumonia_64.npz")
+    names = ["normal"] if problem == "one class" else ["normal", "pneumonia"]
+    for c, name in enumerate(names):
+        for i in np.flatnonzero(z["train_labels"][:, 0] == c)[:30]:
+            p = tmp_path / "xrays" / name / f"{i}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(z["train_images"][i]).save(p, quality=95)
+    if problem == "truncated jpeg":
+        broken = next((tmp_path / "xrays" / "pneumonia").iterdir())
+        broken.write_bytes(broken.read_bytes()[:200])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = cli(["run", "--stage", "all", "--config", SMOKE, "--set", f"data.root={real_data}",
+             "--set", f"target.path={tmp_path / 'xrays'}"], tmp_path, uri, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert ("class" in p.stderr) if problem == "one class" else (broken.name in p.stderr)
+    assert "starting" not in p.stdout and runs(uri, "fewshot-medmeta-smoke") == []
 
 
 def test_self_training_runs_a_student_after_the_teacher(tmp_path, real_data):

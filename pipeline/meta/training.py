@@ -73,7 +73,8 @@ def atomic_save(obj: dict, path: Path) -> None:
 
 def build_samplers(cfg: PipelineConfig, dinfo: dict) -> tuple[EpisodeSampler, EpisodeSampler]:
     """Meta-train tasks from the sources' train splits, meta-validation tasks from their val splits (disjoint
-    images; `meta.disjoint_classes` also holds out classes). The episode at index i depends only on (seed, i)."""
+    images; `meta.disjoint_classes` also holds out classes). The episode at index i depends only on (seed, i).
+    Raises DataError when a source cannot be read or no task can be drawn."""
     m, size = cfg.meta, cfg.data.image_size
     pool = load_sources(cfg)
     train_cls = val_cls = None
