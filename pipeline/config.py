@@ -58,6 +58,9 @@ class TargetConfig:
     val_fraction: float = 0.1  # for data without given splits
     test_fraction: float = 0.2  # for data without given splits
     split_seed: int = 0  # seed of the splits the pipeline makes for data without given splits
+    # folders: a regex whose first group, searched in each file name, is the patient id (e.g. 'person(\d+)_'): the
+    # splits the pipeline makes keep a patient's images together; `data check` reports patients across given splits
+    group_pattern: str = ""
 
 
 @dataclass
@@ -407,6 +410,15 @@ def validate(cfg: PipelineConfig) -> None:
     for key, val in fractions.items():
         if not 0.0 < val < 1.0:
             raise ConfigError(f"config key '{key}' must be between 0 and 1, got {val}")
+    if cfg.target.group_pattern:
+        try:
+            groups = re.compile(cfg.target.group_pattern).groups
+        except re.error as e:
+            raise ConfigError(f"config key 'target.group_pattern': {cfg.target.group_pattern!r} is not a regular "
+                              f"expression ({e})") from e
+        if groups < 1:
+            raise ConfigError(f"config key 'target.group_pattern': {cfg.target.group_pattern!r} has no group; put the "
+                              f"patient id in parentheses, e.g. 'person(\\d+)_'")
     if cfg.target.val_fraction + cfg.target.test_fraction >= 1.0:
         raise ConfigError(f"config keys 'target.val_fraction' + 'target.test_fraction' must be < 1 (the rest is "
                           f"train), got {cfg.target.val_fraction} + {cfg.target.test_fraction}")

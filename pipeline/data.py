@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,9 +229,29 @@ def _from_items(name: str, source: str, items: list[tuple[Path, str, str | None,
     return LabeledData(name, source, classes, out, notes)
 
 
+def patient_groups(files: list[Path], pattern: str) -> tuple[list[str | None], int]:
+    """Each file's group (e.g. patient id): the first group of regex `pattern` searched in the file name (None where
+    it does not match, or without a pattern). Returns the groups and how many files matched no pattern."""
+    if not pattern:
+        return [None] * len(files), 0
+    rx = re.compile(pattern)
+    groups = [(m.group(1) if (m := rx.search(f.name)) else None) for f in files]
+    return groups, sum(g is None for g in groups)
+
+
+def crossing_groups(groups: list[str | None], splits: list[str | None]) -> dict[str, list[str]]:
+    """Groups (patients) whose images lie in more than one of the given splits: group -> its splits."""
+    seen: dict[str, set[str]] = {}
+    for g, sp in zip(groups, splits):
+        if g is not None and sp:
+            seen.setdefault(g, set()).add(sp)
+    return {g: sorted(v, key=SPLITS.index) for g, v in seen.items() if len(v) > 1}
+
+
 def load_folder(root: Path, class_names: list[str], val_fraction: float, test_fraction: float, seed: int,
-                skip_corrupt: bool = False, min_size: int = 8) -> LabeledData:
-    """`root/<class>/*.png` or `root/{train,val,test}/<class>/*.png`."""
+                skip_corrupt: bool = False, min_size: int = 8, group_pattern: str = "") -> LabeledData:
+    """`root/<class>/*.png` or `root/{train,val,test}/<class>/*.png`. `group_pattern`: a regex whose first group,
+    searched in each file name, is the patient id: splits the pipeline makes keep a patient's images together."""
     if not root.is_dir():
         raise DataError(f"image folder {root} not found")
     notes: list[str] = []
@@ -250,6 +271,16 @@ def load_folder(root: Path, class_names: list[str], val_fraction: float, test_fr
     if ignored:
         notes.append(f"ignored {ignored} non-image file(s)")
         log.warning("%s: ignored %d non-image file(s)", root, ignored)
+    groups, unmatched = patient_groups([f for f, _, _, _ in items], group_pattern)
+    items = [(f, c, sp, g) for (f, c, sp, _), g in zip(items, groups)]
+    if group_pattern:
+        notes.append(f"{len(set(g for g in groups if g is not None))} patients by target.group_pattern"
+                     + (f"; {unmatched} file(s) match no pattern and count as a patient each" if unmatched else ""))
+        crossing = crossing_groups(groups, [sp for _, _, sp, _ in items])
+        if crossing:
+            examples = ", ".join(f"{g} in {'+'.join(v)}" for g, v in list(crossing.items())[:5])
+            notes.append(f"LEAK: {len(crossing)} patient(s) have images in more than one of the given split folders "
+                         f"({examples}); move each patient's images into one split")
     return _from_items(root.name, str(root), items, class_names, val_fraction, test_fraction, seed,
                        skip_corrupt, min_size, notes)
 
@@ -295,7 +326,7 @@ def load_target(cfg) -> LabeledData:
             raise DataError(f"target.path {p} not found; give a folder of class sub-folders, a CSV or an npz")
         if p.is_dir():
             data = load_folder(p, t.class_names, t.val_fraction, t.test_fraction, t.split_seed,
-                               cfg.data.skip_corrupt, cfg.data.min_image_size)
+                               cfg.data.skip_corrupt, cfg.data.min_image_size, t.group_pattern)
         elif p.suffix.lower() == ".csv":
             data = load_csv(p, t.class_names, t.val_fraction, t.test_fraction, t.split_seed,
                             cfg.data.skip_corrupt, cfg.data.min_image_size)

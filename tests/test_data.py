@@ -161,3 +161,57 @@ def test_csv_groups_stay_in_one_split_and_bad_csvs(tmp_path):
         load_csv(tmp_path / "escape.csv", [], 0.2, 0.2, 0)
     with pytest.raises(DataError, match="not among the configured classes"):
         load_csv(tmp_path / "d.csv", ["normal", "covid"], 0.2, 0.2, 0)
+
+
+def kermany_style_folder(root, split_of=None):
+    """Kermany file names: pneumonia images carry the patient (person<N>_...), normal ones do not."""
+    rng = np.random.default_rng(0)
+    names = []
+    for person in range(12):
+        for j in range(3):
+            names.append(("pneumonia", f"person{person}_bacteria_{person * 10 + j}.jpeg", person))
+    names += [("normal", f"IM-{i:04d}-0001.jpeg", None) for i in range(30)]
+    for cls, name, person in names:
+        split = split_of(person, name) if split_of else None
+        p = root / (split or "") / cls / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(p)
+
+
+def test_group_pattern_keeps_each_patient_in_one_split(tmp_path):
+    kermany_style_folder(tmp_path / "x")
+    data = load_folder(tmp_path / "x", [], 0.2, 0.3, 0, group_pattern=r"person(\d+)_")
+    where = {}
+    for split in ("train", "val", "test"):
+        for f in data.splits[split].files:
+            if "person" in f:
+                where.setdefault(f.split("person")[1].split("_")[0], set()).add(split)
+    assert len(where) == 12 and all(len(v) == 1 for v in where.values())
+    assert len({next(iter(v)) for v in where.values()}) == 3  # patients do land in every split
+    assert any("12 patients" in n and "30 file(s) match no pattern" in n for n in data.notes)
+    # without the pattern the same folder splits one patient's images across splits (so the test can fail)
+    plain = load_folder(tmp_path / "x", [], 0.2, 0.3, 0)
+    spread = {}
+    for split in ("train", "val", "test"):
+        for f in plain.splits[split].files:
+            if "person" in f:
+                spread.setdefault(f.split("person")[1].split("_")[0], set()).add(split)
+    assert any(len(v) > 1 for v in spread.values())
+
+
+def test_data_check_reports_patients_across_given_split_folders(tmp_path):
+    def split_of(person, name):  # person 3 has an image in train and one in test
+        if person == 3 and name.endswith("_31.jpeg"):
+            return "test"
+        return "test" if person is not None and person >= 9 else ("test" if "IM-002" in name else "train")
+    kermany_style_folder(tmp_path / "x", split_of)
+    data = load_folder(tmp_path / "x", [], 0.2, 0.3, 0, group_pattern=r"person(\d+)_")
+    leak = [n for n in data.notes if n.startswith("LEAK")]
+    assert len(leak) == 1 and "1 patient(s)" in leak[0] and "3 in train+test" in leak[0]
+
+
+@pytest.mark.parametrize("pattern,msg", [("person(", "is not a regular expression"), (r"person\d+", "has no group")])
+def test_bad_group_pattern_is_a_config_error(pattern, msg):
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, [f"target.group_pattern={pattern}"])
