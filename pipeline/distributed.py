@@ -70,6 +70,15 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
+def from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (e.g. the outputs of a stage only rank 0 ran); `obj` itself for a plain run."""
+    if world()[1] == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def task_share(n_tasks: int) -> range:
     """This rank's tasks of a meta-batch of n_tasks (contiguous blocks, as even as possible)."""
     rank, size = world()

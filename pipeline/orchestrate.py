@@ -16,6 +16,7 @@ import mlflow
 import torch
 
 from . import distributed
+from .device import resolve_device
 from .config import PipelineConfig, parse_arm, parse_merge_run, speed_only_keys
 from .preflight import check_inputs
 from .scratch import clean_scratch
@@ -25,6 +26,7 @@ from .tracking import (close_dead_runs, code_version, find_finished_run, git_com
 log = logging.getLogger(__name__)
 
 STAGES = ("backbone", "meta", "finetune", "evaluate")
+MAIN_ONLY = ("backbone", "evaluate")  # under torchrun, rank 0 alone runs these (all ranks join meta and finetune)
 # Config sections each stage's result depends on (speed-only settings are left out, `speed_only_keys`).
 SECTIONS = {
     "backbone": ("backbone", "data"),
@@ -116,15 +118,14 @@ class Runner:
         return load_stage_run(rid, up, stage) if rid else self.find(up)
 
     def run(self, stages: list[str]) -> dict[str, dict[str, str]]:
-        if distributed.world()[1] > 1:
-            if stages not in (["meta"], ["finetune"]):
-                raise PipelineError("under torchrun, run `--stage meta` or `--stage finetune` alone (run the other "
-                                    "stages without torchrun)")
-            if stages == ["meta"] and self.cfg.meta.meta_batch < distributed.world()[1]:
-                raise PipelineError(f"meta.meta_batch={self.cfg.meta.meta_batch} is smaller than the "
-                                    f"{distributed.world()[1]} torchrun processes, and every process needs a task "
-                                    f"of each meta-batch; raise meta.meta_batch or start fewer processes")
-            if not distributed.is_main():  # read the project's store, write to a private one
+        rank, world = distributed.world()
+        if world > 1:  # torchrun: every rank joins meta and finetune; rank 0 alone runs backbone and evaluate
+            if "meta" in stages and self.cfg.meta.meta_batch < world:
+                raise PipelineError(f"meta.meta_batch={self.cfg.meta.meta_batch} is smaller than the {world} torchrun "
+                                    f"processes, and every process needs a task of each meta-batch; raise "
+                                    f"meta.meta_batch or start fewer processes")
+            distributed.init(distributed.local_device(resolve_device(self.cfg.device)))
+            if rank > 0:  # read the project's store, write to a private one
                 side = distributed.side_store()
                 mlflow.set_tracking_uri(f"sqlite:///{side / 'mlflow.db'}")
                 mlflow.set_experiment(experiment_id=mlflow.create_experiment(
@@ -138,14 +139,19 @@ class Runner:
             if multi:
                 log_config(self.cfg.to_dict())
             for stage in stages:
-                self._run_stage(stage, tags, nested=multi, parent_id=prun.info.run_id if multi else None)
+                if rank == 0 or stage not in MAIN_ONLY:
+                    self._run_stage(stage, tags, nested=multi, parent_id=prun.info.run_id if multi else None)
+                # every rank goes on with rank 0's run ids, so stage keys and upstream runs agree
+                self.outputs[stage] = distributed.from_main(self.outputs.get(stage))
         return self.outputs
 
     def _run_stage(self, stage: str, tags: dict[str, str], nested: bool, parent_id: str | None) -> None:
         inputs: dict[str, Any] = {u: self.resolve(stage, u) for u in upstream_of(stage, self.cfg)}
         key = stage_key(stage, self.cfg, {u: o["run_id"] for u, o in inputs.items()}, self.code)
-        if not self.force and distributed.world()[1] == 1:
-            prev = find_finished_run(self.exp_id, stage, key)
+        if not self.force:
+            prev = find_finished_run(self.exp_id, stage, key) if distributed.is_main() else None
+            if stage not in MAIN_ONLY:  # every rank reuses, or none (rank 0 alone runs the others)
+                prev = distributed.from_main(prev)
             if prev is not None:
                 print(f"[{stage}] reusing finished run {prev.info.run_id} (same config, code and upstream runs; "
                       f"--force recomputes)", flush=True)

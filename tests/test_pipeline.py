@@ -429,6 +429,36 @@ def test_torchrun_two_processes_gloo_equal_single_process(tmp_path, real_data):
     assert run2.data.metrics["meta_val_loss"] == pytest.approx(run1.data.metrics["meta_val_loss"], rel=0.02)
 
 
+def test_torchrun_runs_every_stage_under_one_parent(tmp_path, real_data, smoke):
+    """`torchrun --nproc_per_node 2 -m pipeline run --stage all`: rank 0 alone runs backbone and evaluate, both ranks
+    join meta and finetune, the project's store holds one parent run with its four stage runs, and the fine-tune
+    jobs' predictions cover the same files as a single process's (the smoke run)."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "pipeline", "run", "--stage", "all", "--config", SMOKE, "--set", f"data.root={real_data}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "rank 1/2 takes tasks" in out and "[finetune] rank 1/2" in out
+    assert out.count("[backbone] starting") == 1 and out.count("[evaluate] starting") == 1
+    rs = runs(uri, "fewshot-medmeta-smoke")
+    parents = [r for r in rs if r.data.tags.get("pipeline.stage") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    stages = {r.data.tags["pipeline.stage"]: r for r in rs
+              if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(stages) == {"backbone", "meta", "finetune", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in stages.values())
+    # the evaluate stage scored rank 0's finetune run, which holds every job of the sweep (equality with one process
+    # is checked stage by stage in the two tests above and below, with one thread per process as under torchrun)
+    assert stages["evaluate"].data.tags["pipeline.upstream.finetune"] == stages["finetune"].info.run_id
+    two = finetune_predictions(uri, "fewshot-medmeta-smoke")
+    one = finetune_predictions(smoke["uri"], "fewshot-medmeta-smoke")
+    assert len(two) == 1 and set(two[0]) == set(one[0])
+    jobs = [r for r in rs if r.data.tags.get("pipeline.stage") == "finetune-run"]
+    assert len(jobs) == len(one[0]) and all(r.info.status == "FINISHED" for r in jobs)
+
+
 def finetune_predictions(uri: str, experiment: str) -> list[dict[str, pd.DataFrame]]:
     """Test-set predictions of every finished finetune stage run, oldest first."""
     out = []
@@ -449,7 +479,7 @@ def test_torchrun_finetune_spreads_runs_and_equals_single_process(tmp_path, real
     cli(["run", "--stage", "finetune", *args], tmp_path, uri, env={"OMP_NUM_THREADS": "1"})  # as each worker
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "pipeline", "run", "--stage", "finetune", *args], cwd=tmp_path, env=env,
+                        "-m", "pipeline", "run", "--stage", "finetune", "--force", *args], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "rank 1/2" in p.stdout and "2 of 4 runs" in p.stdout
