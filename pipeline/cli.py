@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   python -m pipeline run --stage finetune,evaluate --set finetune.shots=[10,20] --set finetune.seeds=3
   python -m pipeline run --stage meta --set meta.algorithm=maml --set meta.iterations=500
   python -m pipeline data check --set target.path=/path/to/my_xrays
+  python -m pipeline data fetch --size 64                    # MedMNIST files of configs/medmnist.yaml (network)
   python -m pipeline ui --port 5000
 """
 
@@ -52,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     chk = dsub.add_parser("check", help="validate the configured target and source data sets and print a table")
     _add_config_args(chk)
+    fe = dsub.add_parser("fetch", help="download the MedMNIST files a config names (needs a network and the "
+                                       "medmnist package), MD5-checked, into the data root")
+    fe.add_argument("--size", type=int, default=64, choices=[28, 64, 128, 224], help="image size (default 64)")
+    fe.add_argument("--config", "-c", metavar="FILE", default=str(Path(__file__).resolve().parent.parent / "configs"
+                                                                  / "medmnist.yaml"),
+                    help="config naming the files (default: configs/medmnist.yaml)")
+    fe.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. data.root=/data/medmnist")
 
     pr = sub.add_parser("predict", help="class probabilities for images from a logged or registered model")
     pr.add_argument("--model", required=True, metavar="URI",
@@ -78,10 +87,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_check(args: argparse.Namespace) -> int:
-    from .datacheck import check_all
-
+def cmd_data(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.data_command == "fetch":
+        from .fetch import fetch, size_overrides
+        files = fetch(cfg, args.size)
+        sets = " ".join(f"--set '{o}'" for o in size_overrides(cfg, args.size))
+        print(f"{len(files)} files ready; run: python -m pipeline run --stage all --config {args.config} {sets}".rstrip())
+        return 0
+    from .datacheck import check_all
     return check_all(cfg)
 
 
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "data":
-            return cmd_data_check(args)
+            return cmd_data(args)
         if args.command == "predict":
             return cmd_predict(args)
         if args.command == "ui":

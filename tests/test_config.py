@@ -13,7 +13,7 @@ def test_default_yaml_is_the_builtin_default():
     assert yaml.safe_load((REPO / "configs/default.yaml").read_text()) == PipelineConfig().to_dict()
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "gpu", "selftrain"])
+@pytest.mark.parametrize("name", ["default", "smoke", "gpu", "selftrain", "medmnist", "cpu_results"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert isinstance(cfg, PipelineConfig)
