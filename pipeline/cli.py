@@ -102,16 +102,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import mlflow
 
-    from .predict import expand_inputs, load_model, predict_files
+    from .predict import expand_inputs, load_predictor
     from .tracking import default_tracking_uri
 
     mlflow.set_tracking_uri(default_tracking_uri())
     files = expand_inputs(args.images)
-    model, spec = load_model(args.model)
-    prob = predict_files(model, spec, files)
-    print(",".join(["image", *[f"prob_{c}" for c in spec["class_names"]], "predicted"]))
-    for f, p in zip(files, prob):
-        print(",".join([str(f), *[f"{v:.4f}" for v in p], spec["class_names"][int(p.argmax())]]))
+    predict, note = load_predictor(args.model)
+    df = predict(files)
+    print(f"# {args.model}: {note}", file=sys.stderr)
+    print(",".join(["image", *df.columns]))
+    for f, row in zip(files, df.itertuples(index=False)):
+        *probs, predicted = row
+        print(",".join([str(f), *[f"{v:.4f}" for v in probs], str(predicted)]))
     return 0
 
 

@@ -166,6 +166,14 @@ class EvaluateConfig:
     # score the same test split and add only (arm, k, seed) combinations the others lack. "tag=<run id>" scores the
     # run's arms as "<tag>.<arm>" (e.g. "lite2=<id>" -> lite2.transfer: another backbone's arm beside this one's)
     merge_runs: list[str] = field(default_factory=list)
+    # choosing among candidates on the whole validation split, by a rule fixed before the run: "log_loss" (lower is
+    # better; keeps separating models whose validation AUC is saturated near 1) or "auc"; the mean over seeds, ties to
+    # the earlier candidate (selection.json)
+    selection_metric: str = "log_loss"
+    candidates: list[str] = field(default_factory=list)  # arms and ensembles to choose among ([] = every one)
+    # the chosen candidate's decision threshold, picked on validation: "youden" (max sensitivity + specificity - 1) or
+    # "sensitivity=<s>" (the highest threshold with validation sensitivity >= s, e.g. sensitivity=0.95)
+    operating_point: str = "youden"
 
 
 @dataclass
@@ -362,6 +370,7 @@ def validate(cfg: PipelineConfig) -> None:
         "backbone.weights": (cfg.backbone.weights, {"imagenet", "none"}),
         "channels_last": (cfg.channels_last, {"auto", "on", "off"}),
         "finetune.pseudo_augment": (cfg.finetune.pseudo_augment, {"recipe", "strong"}),
+        "evaluate.selection_metric": (cfg.evaluate.selection_metric, {"log_loss", "auc"}),
     }
     for key, (val, allowed) in choices.items():
         if val not in allowed:
@@ -410,6 +419,10 @@ def validate(cfg: PipelineConfig) -> None:
     for key, val in fractions.items():
         if not 0.0 < val < 1.0:
             raise ConfigError(f"config key '{key}' must be between 0 and 1, got {val}")
+    op = re.fullmatch(r"youden|sensitivity=(0(?:\.\d+)?|1(?:\.0*)?)", cfg.evaluate.operating_point)
+    if not op or (op.group(1) is not None and float(op.group(1)) <= 0):
+        raise ConfigError(f"config key 'evaluate.operating_point': {cfg.evaluate.operating_point!r} is not 'youden' or "
+                          f"'sensitivity=<s>' with 0 < s <= 1, e.g. sensitivity=0.95")
     if cfg.target.group_pattern:
         try:
             groups = re.compile(cfg.target.group_pattern).groups

@@ -17,9 +17,10 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
-from .config import is_replica, tagged_arm  # noqa: E402
+from .config import EvaluateConfig, is_replica, parse_ensemble, tagged_arm  # noqa: E402
 from .data import DataError  # noqa: E402
 from .metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
+from .selection import choose_candidates, operating_threshold  # noqa: E402
 
 
 def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -31,6 +32,14 @@ def ensemble_members(arms: list[str]) -> list[str]:
     """The arms the default ensemble averages: the pretrained ones (transfer and every meta-*), not scratch and not
     replicas (`<arm>.r<n>`, which `evaluate.ensembles` can name)."""
     return [a for a in arms if not is_replica(a) and (a == "transfer" or a.startswith("meta-"))]
+
+
+def val_dir(pred_dir: Path) -> Path:
+    """Where the validation predictions beside a folder of test predictions live (`val_predictions/`, same file
+    names); created empty if missing (runs from before validation predictions were logged)."""
+    d = pred_dir.parent / "val_predictions"
+    d.mkdir(exist_ok=True)
+    return d
 
 
 def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "", members: list[str] | None = None) -> int:
@@ -77,6 +86,12 @@ def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "", membe
         ens[cols] = np.mean([f[cols].to_numpy(float) for f in frames], axis=0)
         file = f"{name}_k{k}_seed{seed}.csv"
         ens.to_csv(pred_dir / file, index=False)
+        val = val_dir(pred_dir)  # the same mean on the validation split, where the members have it
+        if all((val / r["file"]).is_file() for r in runs):
+            vframes = [pd.read_csv(val / r["file"]) for r in runs]
+            vens = vframes[0][["index", "label"]].copy()
+            vens[cols] = np.mean([f[cols].to_numpy(float) for f in vframes], axis=0)
+            vens.to_csv(val / file, index=False)
         index["runs"].append({"arm": name, "k": k, "seed": seed, "file": file, "members": [r["arm"] for r in runs],
                               "best_val_auc": None})
         n += 1
@@ -86,11 +101,12 @@ def add_ensemble(pred_dir: Path, name: str = "ensemble", source: str = "", membe
     return n
 
 
-def merge_predictions(pred_dir: Path, other: Path, source: str, tag: str = "") -> int:
+def merge_predictions(pred_dir: Path, other: Path, source: str, tag: str = "", other_val: Path | None = None) -> int:
     """Add the prediction files and index entries of another finetune run (`other`, downloaded from `source`) to
     `pred_dir`: same classes, data set and test labels, and only (arm, k, seed) combinations `pred_dir` lacks, so
     seed ranges or arms run separately are scored together. With a `tag`, the run's arms are added as
-    '<tag>.<arm>' (e.g. the transfer arm of another backbone beside this one's). Returns the number of runs added."""
+    '<tag>.<arm>' (e.g. the transfer arm of another backbone beside this one's). `other_val`: that run's validation
+    predictions, copied beside `pred_dir`'s. Returns the number of runs added."""
     index = json.loads((pred_dir / "index.json").read_text())
     extra = json.loads((other / "index.json").read_text())
     prefix = f"{tag}." if tag else ""  # a tagged run's arms and files become '<tag>.<arm>', '<tag>.<file>'
@@ -114,6 +130,8 @@ def merge_predictions(pred_dir: Path, other: Path, source: str, tag: str = "") -
             raise DataError(f"evaluate.merge_runs: {files[r['file']]} of {source} scores other test images than the "
                             f"finetune run; merge only runs of the same target split")
         shutil.copy(other / files[r["file"]], pred_dir / r["file"])
+        if other_val is not None and (other_val / files[r["file"]]).is_file():
+            shutil.copy(other_val / files[r["file"]], val_dir(pred_dir) / r["file"])
         index["runs"].append(r)
     index["arms"] += [a for a in extra["arms"] if a not in index["arms"]]
     seeds = sorted({r["seed"] for r in index["runs"]})
@@ -162,6 +180,50 @@ def compute_results(pred_dir: Path, ev_bootstrap: int = 1000, ci: float = 0.95, 
             "bootstrap": ev_bootstrap, "rows": rows, "aggregates": agg, "comparisons": comps}
 
 
+def add_operating_points(selection: dict, index: dict, val: Path, rule: str) -> None:
+    """For a two-class target, each chosen candidate's decision threshold per seed, picked on its validation
+    predictions by `rule` (`operating_threshold`), into `selection` (what `chosen_results` scores on test)."""
+    if len(index["class_names"]) != 2:
+        return
+    for key, sel in selection.items():
+        files = {r["seed"]: r["file"] for r in index["runs"] if r["arm"] == sel["chosen"] and f"k{r['k']}" == key}
+        thresholds = {}
+        for seed in sel["seeds"]:
+            df = pd.read_csv(val / files[seed])
+            thresholds[str(seed)] = operating_threshold(df["label"].to_numpy(), df.iloc[:, 3].to_numpy(float), rule)
+        sel["operating_point"] = {"rule": rule, "thresholds": thresholds}
+
+
+def _clipped(m_lo_hi: tuple[float, float, float]) -> list[float]:
+    m, lo, hi = m_lo_hi
+    return [m, max(lo, 0.0), min(hi, 1.0)]  # nan stays nan; proportions live in [0, 1]
+
+
+def chosen_results(selection: dict, index: dict, pred_dir: Path, res: dict, ci: float = 0.95) -> dict[str, dict]:
+    """Test figures of each k's chosen candidate (read after the choice): its AUC with the across-seed CI, and, at
+    its validation-chosen threshold, test sensitivity and specificity with CIs beside the 0.5-threshold ones."""
+    out = {}
+    for key, sel in selection.items():
+        k, arm = int(key[1:]), sel["chosen"]
+        agg = next(a for a in res["aggregates"] if a["arm"] == arm and a["k"] == k)
+        row = {"arm": arm, "n_seeds": agg["n_seeds"], "auc": [agg["auc"], *agg["auc_ci"]],
+               "sensitivity_0.5": [agg["sensitivity"], *agg["sensitivity_ci"]],
+               "specificity_0.5": [agg["specificity"], *agg["specificity_ci"]]}
+        op = sel.get("operating_point")
+        if op:
+            files = {r["seed"]: r["file"] for r in index["runs"] if r["arm"] == arm and r["k"] == k}
+            sens, spec = [], []
+            for seed, t in op["thresholds"].items():
+                df = pd.read_csv(pred_dir / files[int(seed)])
+                y, pred = df["label"].to_numpy(), (df.iloc[:, 3].to_numpy(float) >= t).astype(int)
+                sens.append(float(np.mean(pred[y == 1] == 1)))
+                spec.append(float(np.mean(pred[y == 0] == 0)))
+            row |= {"rule": op["rule"], "sensitivity_op": _clipped(mean_ci(sens, ci)),
+                    "specificity_op": _clipped(mean_ci(spec, ci))}
+        out[key] = row
+    return out
+
+
 def _fmt(x: float, lo: float, hi: float) -> str:
     return f"{x:.3f}" if math.isnan(lo) else f"{x:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -169,7 +231,23 @@ def _fmt(x: float, lo: float, hi: float) -> str:
 def write_report(res: dict, cfg_dict: dict, out: Path) -> str:
     lines = [f"# Few-shot results on {res['dataset']}", "",
              f"Classes: {', '.join(res['class_names'])}. Mean over seeds with {int(res['ci'] * 100)}% t-interval "
-             f"(seeds = paired k-shot subsets; every arm sees the same images).", "",
+             f"(seeds = paired k-shot subsets; every arm sees the same images).", ""]
+    if res.get("chosen"):
+        sel = res["selection"]
+        lines += ["## Chosen on validation", "",
+                  "The candidate with the best mean validation score per k (rule fixed in the config before the run; "
+                  "`selection.json`), then scored once on test. Sensitivity and specificity at the decision threshold "
+                  "chosen on validation (operating point) beside those at 0.5.", "",
+                  "| k/class | chosen | validation score | seeds | test AUC | sensitivity / specificity at the "
+                  "operating point | at 0.5 |", "|---:|---|---|---:|---|---|---|"]
+        for key, c in res["chosen"].items():
+            s = sel[key]
+            op = (f"{_fmt(*c['sensitivity_op'])} / {_fmt(*c['specificity_op'])} ({c['rule']})"
+                  if "sensitivity_op" in c else "-")
+            lines.append(f"| {key[1:]} | {c['arm']} | {s['metric']} {s['scores'][c['arm']]:.4f} | {c['n_seeds']} | "
+                         f"{_fmt(*c['auc'])} | {op} | {_fmt(*c['sensitivity_0.5'])} / {_fmt(*c['specificity_0.5'])} |")
+        lines.append("")
+    lines += ["## Every arm", "",
              "| arm | k/class | seeds | AUC | accuracy | sensitivity | specificity |",
              "|---|---:|---:|---|---|---|---|"]
     for a in sorted(res["aggregates"], key=lambda a: (a["k"], res["arms"].index(a["arm"]))):
@@ -265,4 +343,33 @@ def summary_metrics(res: dict) -> dict[str, float]:
     for a in res["aggregates"]:
         for m in ("auc", "accuracy"):
             out[f"{m}_k{a['k']}_{a['arm']}"] = a[m]
+    for key, c in res.get("chosen", {}).items():
+        out[f"auc_{key}_chosen"] = c["auc"][0]
+        if not math.isnan(c["auc"][1]):
+            out |= {f"auc_{key}_chosen_ci_low": c["auc"][1], f"auc_{key}_chosen_ci_high": c["auc"][2]}
     return out
+
+
+def evaluate_predictions(pred_dir: Path, ev: EvaluateConfig, merges: list[tuple[Path, Path | None, str, str]] = (),
+                         source: str = "") -> dict:
+    """The evaluate stage's work on downloaded predictions (`pred_dir`, validation ones beside it): merge further
+    runs (folder, its validation folder, run name, tag), add the ensembles, choose a candidate per k on validation
+    only, then score the test split: `results.json` content with `selection` (what `selection.json` holds) and
+    `chosen` (the chosen candidates' test figures)."""
+    for other, other_val, name, tag in merges:
+        merge_predictions(pred_dir, other, source=name, tag=tag, other_val=other_val)
+    if ev.ensemble:
+        add_ensemble(pred_dir, source=source)
+    for spec in ev.ensembles:
+        name, members = parse_ensemble(spec)
+        add_ensemble(pred_dir, name, source=source, members=members)
+    index = json.loads((pred_dir / "index.json").read_text())
+    unknown = [c for c in ev.candidates if c not in index["arms"]]
+    if unknown:
+        raise DataError(f"evaluate.candidates: {unknown} are not arms or ensembles of {source or pred_dir} "
+                        f"(there: {index['arms']})")
+    # the choice, from validation predictions alone, before any test prediction is read
+    selection = choose_candidates(index, val_dir(pred_dir), ev.candidates or index["arms"], ev.selection_metric)
+    add_operating_points(selection, index, val_dir(pred_dir), ev.operating_point)
+    res = compute_results(pred_dir, ev.bootstrap, ev.ci, ev.reference_arm)
+    return res | {"selection": selection, "chosen": chosen_results(selection, index, pred_dir, res, ev.ci)}

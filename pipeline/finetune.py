@@ -77,6 +77,7 @@ class JobResult:
     first_epoch: int  # where the final model's own fit starts in `history` (self-training: the last student's)
     best_val_auc: float
     prob: np.ndarray | None  # test probabilities, the job's one test pass (None without `x_test`)
+    val_prob: np.ndarray  # probabilities on the whole validation split: what candidates are chosen on
     n_train: int
     n_val: int
     seconds: float
@@ -205,9 +206,10 @@ def train_job(data: TargetInputs, ft: FinetuneConfig, job: Job, arm: Arm, seed: 
             n_classes=data.n_classes, before_round=note_teacher, on_epoch=on_epoch, channels_last=channels_last,
             num_workers=num_workers, compile=compile)
         extra |= st.diagnostics
+        val_prob = predict_proba(st.model, data.x_val, dev, channels_last=channels_last, tta=ft.tta)
         prob = None
         if data.x_test is not None:  # the one test pass
             prob = predict_proba(st.model, data.x_test, dev, channels_last=channels_last, tta=ft.tta)
     return JobResult(job, st.model, {n: v.cpu() for n, v in st.model.state_dict().items()}, st.history,
-                     st.first_epoch + st.fit.best_epoch, st.first_epoch, st.fit.best_val_auc, prob, len(tr_idx), len(va_idx),
-                     time.time() - t0, st.images_seen, extra)
+                     st.first_epoch + st.fit.best_epoch, st.first_epoch, st.fit.best_val_auc, prob, val_prob,
+                     len(tr_idx), len(va_idx), time.time() - t0, st.images_seen, extra)

@@ -82,8 +82,17 @@ def finished_jobs(stage_key: str, out_dir: Path, log_models: bool) -> dict[Job, 
         if log_models and not entry.get("model_uri"):
             continue
         download(f"{r.info.artifact_uri}/predictions/{entry['file']}", str(out_dir))
+        download(f"{r.info.artifact_uri}/val_predictions/{entry['file']}", str(out_dir.parent / "val_predictions"))
         out[job] = entry
     return out
+
+
+def write_predictions(path: Path, labels: np.ndarray, prob: np.ndarray, class_names: list[str]) -> None:
+    """A predictions CSV: `index,label,prob_<class>...`, one row per image of the split."""
+    df = pd.DataFrame(prob, columns=[f"prob_{c}" for c in class_names])
+    df.insert(0, "label", labels)
+    df.insert(0, "index", np.arange(len(labels)))
+    df.to_csv(path, index=False)
 
 
 def log_epoch(epoch: int, record: dict[str, float]) -> None:
@@ -114,6 +123,8 @@ class JobLogger:
         self.spec = preprocess_spec(data.size, data.dinfo["mean"], data.dinfo["std"], data.target.class_names,
                                     data.model_name, tta=ft.tta)
         self.example = data.eval_t(data.split("test").images[0])[None].numpy()
+        self.val_dir = out_dir.parent / "val_predictions"  # the whole validation split, for choosing candidates
+        self.val_dir.mkdir(exist_ok=True)
         self.index: list[dict] = []
 
     def log(self, res: JobResult, live: bool) -> None:
@@ -129,15 +140,15 @@ class JobLogger:
                            "pseudo_per_class": ft.pseudo_per_class, "pseudo_rounds": ft.pseudo_rounds,
                            "pseudo_augment": ft.pseudo_augment})
         fname = f"{job.arm}_k{job.k}_seed{job.seed}.csv"
-        df = pd.DataFrame(res.prob, columns=[f"prob_{c}" for c in self.data.target.class_names])
-        df.insert(0, "label", te.labels)
-        df.insert(0, "index", np.arange(len(te)))
-        df.to_csv(self.out_dir / fname, index=False)
+        write_predictions(self.out_dir / fname, te.labels, res.prob, self.data.target.class_names)
+        write_predictions(self.val_dir / fname, self.data.split("val").labels, res.val_prob,
+                          self.data.target.class_names)
         test = classification_metrics(te.labels, res.prob)
         mlflow.log_metrics({"best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc,
                             "seconds": res.seconds, "train_images_per_s": res.train_images / res.seconds,
                             **res.extra, **{f"test_{m}": v for m, v in test.items()}})
         mlflow.log_artifact(str(self.out_dir / fname), "predictions")
+        mlflow.log_artifact(str(self.val_dir / fname), "val_predictions")
         model_uri = ""
         if ft.log_models:
             model, _, _ = create_backbone(self.data.model_name, num_classes=self.data.n_classes, weights="none")
@@ -164,6 +175,7 @@ class JobLogger:
                 "shots": ft.shots, "seeds": ft.seeds, "first_seed": ft.first_seed, "runs": self.index}
         (self.out_dir / "index.json").write_text(json.dumps(meta, indent=1))
         mlflow.log_artifacts(str(self.out_dir), "predictions")
+        mlflow.log_artifacts(str(self.val_dir), "val_predictions")
 
 
 def register_best(index: list[dict], registry: str) -> dict[str, str]:

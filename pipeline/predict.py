@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
 import torch
@@ -60,3 +62,25 @@ def predict_files(model: torch.nn.Module, spec: dict, files: list[Path], batch_s
         x = torch.stack([t(read_image(f)) for f in files[i:i + batch_size]])
         out.append(net(x).float().softmax(-1).numpy())
     return np.concatenate(out)
+
+
+def load_predictor(uri: str) -> tuple[Callable[[list[Path]], "pd.DataFrame"], str]:
+    """What `predict` calls for a model URI: image files -> a DataFrame of `prob_<class>` and `predicted`, and a line
+    saying how the class is decided. A `<registry>-best` model (an MLflow pyfunc with `serving.json`: the members'
+    mean, a threshold chosen on validation) or a single logged fine-tuned model (argmax)."""
+    from .served import SERVING_FILE, probability_frame
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:
+        raise DataError(f"cannot load model {uri!r} ({e}); use models:/<name>/<version> or runs:/<run_id>/model") \
+            from e
+    serving = next(iter(local.rglob(SERVING_FILE)), None)
+    if serving is not None:
+        model, info = mlflow.pyfunc.load_model(str(local)), json.loads(serving.read_text())
+        note = (f"{info['candidate']} (k={info['k']}, seed {info['seed']}, members {info['members']}); predicted: "
+                + (f"{info['class_names'][1]} when prob_{info['class_names'][1]} >= {info['threshold']:.4f} "
+                   f"({info['rule']} on validation)" if info.get("threshold") is not None else "the most probable class"))
+        return (lambda files: model.predict([str(f) for f in files])), note
+    net, spec = load_model(uri)
+    return (lambda files: probability_frame(predict_files(net, spec, files), {"class_names": spec["class_names"]})), \
+        "predicted: the most probable class"

@@ -2,8 +2,11 @@
 choice among candidates is made on, never the test split."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-from sklearn.metrics import log_loss
+import pandas as pd
+from sklearn.metrics import log_loss, roc_curve
 
 from .metrics import classification_metrics, mean_ci, paired_comparison
 
@@ -54,3 +57,51 @@ def summarise(rows: list[dict], ensembles: dict[str, list[str]], compare: list[t
             lines.append(f"  PAIRED val {name} {e}-{a}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, "
                          f"{c['ci_high']:+.4f}], Wilcoxon p={c['wilcoxon_p']:.3g}, {n} of {len(g)} {better}")
     return "\n".join(lines)
+
+
+def score(labels: np.ndarray, prob: np.ndarray, metric: str) -> float:
+    """Validation score of one model: log-loss (lower is better) or ROC AUC (higher is better)."""
+    if metric == "log_loss":  # CSVs round the probabilities: renormalise so each row sums to one exactly
+        prob = np.asarray(prob, float) / np.asarray(prob, float).sum(1, keepdims=True)
+        return float(log_loss(labels, prob, labels=list(range(prob.shape[1]))))
+    return classification_metrics(labels, prob)["auc"]
+
+
+def choose_candidates(index: dict, val_dir: Path, candidates: list[str], metric: str = "log_loss"
+                      ) -> dict[str, dict]:
+    """Per k, the candidate (arm or ensemble) with the best mean validation `metric` over the seeds every candidate
+    has, ties to the earlier candidate; reads only validation predictions (`val_dir/<file>`), never the test split.
+    Returns {"k<k>": {"metric", "scores": {candidate: mean}, "seeds", "chosen"}}; a k where no candidate has
+    validation predictions is left out."""
+    out: dict[str, dict] = {}
+    runs = [r for r in index["runs"] if r["arm"] in candidates and (val_dir / r["file"]).is_file()]
+    for k in sorted({r["k"] for r in runs}):
+        by = {(r["arm"], r["seed"]): r for r in runs if r["k"] == k}
+        present = [c for c in candidates if any(a == c for a, _ in by)]
+        seeds = sorted(set.intersection(*({s for a, s in by if a == c} for c in present)))
+        if not seeds:
+            continue
+        scores = {}
+        for c in present:
+            vals = []
+            for s in seeds:
+                df = pd.read_csv(val_dir / by[(c, s)]["file"])
+                vals.append(score(df["label"].to_numpy(), df[[f"prob_{n}" for n in index["class_names"]]].to_numpy(),
+                                  metric))
+            scores[c] = float(np.mean(vals))
+        best = (min if metric == "log_loss" else max)(scores.values())
+        chosen = next(c for c in present if scores[c] == best)  # ties: the earlier candidate
+        out[f"k{k}"] = {"metric": metric, "scores": scores, "seeds": seeds, "chosen": chosen}
+    return out
+
+
+def operating_threshold(labels: np.ndarray, p_pos: np.ndarray, rule: str) -> float:
+    """The decision threshold on the positive class's probability that `rule` picks on validation: `youden` (the
+    ROC point with the largest sensitivity + specificity - 1) or `sensitivity=<s>` (the highest threshold whose
+    sensitivity is at least s)."""
+    fpr, tpr, thr = roc_curve(labels, p_pos, drop_intermediate=False)  # every threshold: none skipped
+    thr = np.minimum(thr, 1.0)  # sklearn's first threshold is inf
+    if rule == "youden":
+        return float(thr[int(np.argmax(tpr - fpr))])
+    target = float(rule.split("=", 1)[1])
+    return float(thr[int(np.flatnonzero(tpr >= target)[0])])

@@ -60,7 +60,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
             logger.log(res, live=live)
     logger.write_index()
     mlflow.log_metric("finetune_seconds", time.time() - t_start)
-    out = {"predictions_uri": mlflow.get_artifact_uri("predictions")}
+    out = {"predictions_uri": mlflow.get_artifact_uri("predictions"),
+           "val_predictions_uri": mlflow.get_artifact_uri("val_predictions")}
     if ft.log_models and ft.registry_name:
         out |= {f"model.{arm}": uri for arm, uri in register_best(logger.index, ft.registry_name).items()}
     return out

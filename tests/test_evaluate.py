@@ -134,3 +134,71 @@ def test_a_tagged_run_is_scored_under_its_own_arm_names(tmp_path):
     assert {c["arm"] for c in res["comparisons"]} == {"meta-reptile", "lite2.transfer", "ensemble", "ensemble-lite"}
     with pytest.raises(DataError, match=r"repeats \(arm, k, seed\) \[\('lite2.transfer'"):
         merge_predictions(a, b, "run b", tag="lite2")
+
+
+def write_val_and_test(tmp_path, probs_val, probs_test, y_val, y_test):
+    """A predictions folder with index.json, test CSVs and validation CSVs beside it (as the finetune stage logs)."""
+    pred = tmp_path / "predictions"
+    val = tmp_path / "val_predictions"
+    pred.mkdir()
+    val.mkdir()
+    runs = []
+    for (arm, k, seed), p in probs_val.items():
+        f = f"{arm}_k{k}_seed{seed}.csv"
+        for d, prob, y in ((val, p, y_val), (pred, probs_test[(arm, k, seed)], y_test)):
+            df = pd.DataFrame({"index": np.arange(len(y)), "label": y, "prob_a": 1 - prob, "prob_b": prob})
+            df.to_csv(d / f, index=False)
+        runs.append({"arm": arm, "k": k, "seed": seed, "file": f, "best_val_auc": 0.5})
+    arms = list(dict.fromkeys(a for a, _, _ in probs_val))
+    (pred / "index.json").write_text(json.dumps({"class_names": ["a", "b"], "dataset": "t", "source": "t",
+                                                 "arms": arms, "runs": runs}))
+    return pred, val
+
+
+def test_choice_reads_validation_only_and_takes_the_lowest_mean_log_loss(tmp_path):
+    from sklearn.metrics import log_loss
+
+    from pipeline.selection import choose_candidates
+    y = np.array([0, 0, 1, 1, 0, 1])
+    sure = np.array([0.1, 0.2, 0.9, 0.8, 0.1, 0.7])
+    timid = np.array([0.4, 0.45, 0.6, 0.55, 0.4, 0.6])
+    pv = {("timid", 20, s): timid for s in (0, 1)} | {("sure", 20, s): sure for s in (0, 1)}
+    pred, val = write_val_and_test(tmp_path, pv, pv, y, y)
+    for f in pred.glob("*.csv"):  # the choice must not read the test split
+        f.write_text("not read")
+    index = json.loads((pred / "index.json").read_text())
+    sel = choose_candidates(index, val, ["timid", "sure"], "log_loss")
+    assert sel["k20"]["chosen"] == "sure" and sel["k20"]["seeds"] == [0, 1]
+    two = np.stack([1 - sure, sure], 1)
+    assert sel["k20"]["scores"]["sure"] == pytest.approx(log_loss(y, two))
+    tie = choose_candidates(index, val, ["timid", "sure"], "auc")  # both rank perfectly: the earlier one
+    assert tie["k20"]["scores"]["timid"] == tie["k20"]["scores"]["sure"] == 1.0 and tie["k20"]["chosen"] == "timid"
+
+
+def test_youden_and_sensitivity_thresholds_by_hand():
+    from pipeline.selection import operating_threshold
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    p = np.array([0.1, 0.3, 0.35, 0.4, 0.6, 0.7, 0.9, 0.65])
+    # thresholds and their sensitivity + specificity - 1: 0.4 -> 1 + 0.75 - 1 = 0.75, the largest
+    assert operating_threshold(y, p, "youden") == pytest.approx(0.4)
+    t = operating_threshold(y, p, "sensitivity=0.75")  # the highest threshold with 3 of 4 positives found
+    assert t == pytest.approx(0.6) and np.mean(p[y == 1] >= t) >= 0.75
+
+
+def test_evaluate_predictions_chooses_then_scores_the_choice_at_its_threshold(tmp_path):
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate import evaluate_predictions
+    rng = np.random.default_rng(0)
+    y_val, y_test = rng.integers(0, 2, 60), rng.integers(0, 2, 80)
+    noisy = lambda y, s: np.clip(y * 0.6 + 0.2 + rng.normal(0, s, len(y)), 0.01, 0.99)  # noqa: E731
+    pv = {(a, 20, s): noisy(y_val, 0.1 if a == "good" else 0.4) for a in ("good", "poor") for s in range(3)}
+    pt = {key: noisy(y_test, 0.1 if key[0] == "good" else 0.4) for key in pv}
+    pred, _ = write_val_and_test(tmp_path, pv, pt, y_val, y_test)
+    res = evaluate_predictions(pred, EvaluateConfig(bootstrap=0, ensemble=False))
+    sel, chosen = res["selection"]["k20"], res["chosen"]["k20"]
+    assert sel["chosen"] == chosen["arm"] == "good" and set(sel["operating_point"]["thresholds"]) == {"0", "1", "2"}
+    for seed, t in sel["operating_point"]["thresholds"].items():
+        assert 0.0 < t <= 1.0
+    assert 0.9 <= chosen["sensitivity_op"][0] <= 1.0 and 0.9 <= chosen["specificity_op"][0] <= 1.0
+    agg = next(a for a in res["aggregates"] if a["arm"] == "good")
+    assert chosen["auc"][0] == agg["auc"]

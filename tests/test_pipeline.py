@@ -114,6 +114,38 @@ def test_evaluate_artifacts_and_metrics_recompute_from_predictions(smoke):
     assert "| transfer | 20 |" in (d / "report.md").read_text()
 
 
+def test_candidates_chosen_on_validation_recompute_from_the_logged_csvs(smoke):
+    """selection.json's choice per k recomputes from the evaluate run's val_predictions/ with scikit-learn (mean
+    validation log-loss over seeds, lowest wins), every candidate has its validation CSVs, and the parent run leads
+    with the chosen candidate's test AUC and CI."""
+    from sklearn.metrics import log_loss
+    rs = runs(smoke["uri"], "fewshot-medmeta-smoke")
+    ev = next(r for r in rs if r.data.tags.get("pipeline.stage") == "evaluate")
+    mlflow.set_tracking_uri(smoke["uri"])
+    d = Path(mlflow.artifacts.download_artifacts(run_id=ev.info.run_id, dst_path=str(smoke["dir"] / "sel")))
+    sel = json.loads((d / "selection.json").read_text())
+    res = json.loads((d / "results.json").read_text())
+    assert set(sel) == {"k5", "k20"}
+    for key, s in sel.items():
+        assert s["metric"] == "log_loss" and set(s["scores"]) == set(res["arms"])
+        mine = {}
+        for arm in res["arms"]:
+            losses = []
+            for seed in s["seeds"]:
+                df = pd.read_csv(d / "val_predictions" / f"{arm}_{key}_seed{seed}.csv")
+                assert list(df.columns[:2]) == ["index", "label"] and len(df) == 532  # the whole validation split
+                losses.append(log_loss(df.label, df.iloc[:, 2:].to_numpy(), labels=[0, 1]))
+            mine[arm] = np.mean(losses)
+            assert mine[arm] == pytest.approx(s["scores"][arm], rel=1e-9)
+        assert s["chosen"] == min(mine, key=mine.get)
+        assert set(s["operating_point"]["thresholds"]) == {str(x) for x in s["seeds"]}
+        chosen = res["chosen"][key]
+        agg = next(a for a in res["aggregates"] if a["arm"] == s["chosen"] and f"k{a['k']}" == key)
+        parent = next(r for r in rs if r.data.tags.get("pipeline.stage") == "pipeline")
+        assert parent.data.metrics[f"auc_{key}_chosen"] == pytest.approx(agg["auc"]) == pytest.approx(chosen["auc"][0])
+    assert "## Chosen on validation" in (d / "report.md").read_text()
+
+
 def test_replica_arm_merged_run_and_named_ensemble(smoke):
     """A second transfer arm (`transfer.r1`) run on its own, scored together with the smoke run's arms
     (evaluate.merge_runs; the smoke run a second time under a tag, as another backbone's run would be) and averaged
@@ -522,6 +554,56 @@ def test_predict_with_registered_model_matches_test_predictions(smoke):
     expected = pd.read_csv(csv)[["prob_0", "prob_1"]].to_numpy()[:5]
     np.testing.assert_allclose(got, expected, atol=2e-4)
     assert mv.tags["best_val_auc"] and float(mv.tags["test_auc"]) > 0
+
+
+def check_best_model(uri, store, workdir, root):
+    """`predict` and `mlflow.pyfunc.load_model` on a `-best` version reproduce its candidate's test probabilities
+    (the evaluate run's CSV of that k and seed), and `predicted` is the class at the stored threshold."""
+    from PIL import Image
+    client = MlflowClient(store)
+    name, version = uri[len("models:/"):].split("/")
+    tags = client.get_model_version(name, version).tags
+    z = np.load(root / "kermany_pneumonia_64.npz")
+    imgs = workdir / "imgs"
+    imgs.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        Image.fromarray(z["test_images"][i]).save(imgs / f"{i}.png")
+    p = cli(["predict", "--model", uri, str(imgs)], workdir, store)
+    lines = p.stdout.strip().splitlines()
+    assert lines[0] == "image,prob_0,prob_1,predicted" and len(lines) == 7
+    got = np.array([[float(v) for v in line.split(",")[1:3]] for line in lines[1:]])
+    mlflow.set_tracking_uri(store)
+    ev = next(r for r in sorted(runs(store, "fewshot-medmeta-smoke"), key=lambda r: -r.info.start_time)
+              if r.data.tags.get("pipeline.stage") == "evaluate" and f"out.model.best_k{tags['k']}" in r.data.tags
+              and r.data.tags[f"out.model.best_k{tags['k']}"] == uri)
+    csv = mlflow.artifacts.download_artifacts(run_id=ev.info.run_id, dst_path=str(workdir / f"csv{version}"),
+                                              artifact_path=f"predictions/{tags['candidate']}_k{tags['k']}"
+                                                            f"_seed{tags['seed']}.csv")
+    expected = pd.read_csv(csv)[["prob_0", "prob_1"]].to_numpy()[:6]
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    t = float(tags["threshold"])
+    assert [line.split(",")[3] for line in lines[1:]] == [str(int(v >= t)) for v in got[:, 1]]
+    model = mlflow.pyfunc.load_model(uri)
+    df = model.predict([str(imgs / f"{i}.png") for i in range(6)])
+    np.testing.assert_allclose(df[["prob_0", "prob_1"]].to_numpy(), expected, atol=2e-4)
+    return tags
+
+
+def test_best_model_is_registered_and_predict_reproduces_it(smoke, tmp_path):
+    """Each k's chosen candidate is registered as fewshot-medmeta-best; an ensemble candidate (forced here with
+    evaluate.candidates=[ensemble]) is one model whose output is the mean of its members'."""
+    rs = runs(smoke["uri"], "fewshot-medmeta-smoke")
+    ev = next(r for r in rs if r.data.tags.get("pipeline.stage") == "evaluate")
+    sel = {key: ev.data.tags[f"out.model.best_{key}"] for key in ("k5", "k20")}
+    for key, uri in sel.items():
+        tags = check_best_model(uri, smoke["uri"], tmp_path / key, smoke["root"])
+        assert tags["k"] == key[1:] and tags["selection_metric"] == "log_loss" and tags["rule"] == "youden"
+    cli(["run", "--stage", "evaluate", "--config", SMOKE, "--set", f"data.root={smoke['root']}",
+         "--set", "evaluate.candidates=[ensemble]"], smoke["dir"], smoke["uri"])
+    ev2 = max((r for r in runs(smoke["uri"], "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") ==
+               "evaluate"), key=lambda r: r.info.start_time)
+    tags = check_best_model(ev2.data.tags["out.model.best_k20"], smoke["uri"], tmp_path / "ens", smoke["root"])
+    assert tags["candidate"] == "ensemble"
 
 
 def _free_port():
