@@ -1,10 +1,10 @@
 """Compare fine-tuning recipes on the target's *validation* split, the way the defaults were chosen.
 
-Each seed fine-tunes one arm (transfer or scratch) with the stage's own per-job function, `pipeline.finetune.train_job`
-(the k-shot subset, selection subset, training transform, initial model and self-training of
-`finetune/<arm>/k<k>/seed<s>`). It then scores the chosen model on the whole validation split. The test split is only scored
-with `--test`, for reporting after a recipe is fixed. Tensors stay contiguous (the stage uses channels-last on CPU
-by default), so figures can differ slightly from the stage's runs of the same seed.
+Each seed fine-tunes one arm (transfer or scratch) with the stage's own per-job function,
+`pipeline.finetune.train_job` (the k-shot subset, selection subset, training transform, initial model and
+self-training of `finetune/<arm>/k<k>/seed<s>`). It then scores the chosen model on the whole validation split. The
+test split is only scored with `--test`, for reporting after a recipe is fixed. Tensors stay contiguous (the stage
+uses channels-last on CPU by default), so figures can differ slightly from the stage's runs of the same seed.
 
     python benchmarks/finetune_recipe.py [--k 20] [--seeds 0,1,2] [--arm transfer] [--test] \
         [--set finetune.image_size=128 --set finetune.lr_body=0.001 ...]
@@ -120,7 +120,8 @@ def main() -> None:
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(summarise(rows), f"(k={args.k}, size={data.size}, seeds={args.seeds}, {' '.join(args.overrides)})", flush=True)
+    print(summarise(rows), f"(k={args.k}, size={data.size}, seeds={args.seeds}, {' '.join(args.overrides)})",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         from .fetch import fetch, size_overrides
         files = fetch(cfg, args.size)
         sets = " ".join(f"--set '{o}'" for o in size_overrides(cfg, args.size))
-        print(f"{len(files)} files ready; run: python -m pipeline run --stage all --config {args.config} {sets}".rstrip())
+        run = f"python -m pipeline run --stage all --config {args.config} {sets}".rstrip()
+        print(f"{len(files)} files ready; run: {run}")
         return 0
     from .datacheck import check_all
     return check_all(cfg)

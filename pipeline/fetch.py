@@ -97,4 +97,5 @@ def size_overrides(cfg: PipelineConfig, size: int) -> list[str]:
     if all(parse_name(n)[1] == size for n in names):
         return []
     stem = lambda n: file_name(parse_name(n)[0], size)[:-4]  # noqa: E731
-    return [f"target.name={stem(cfg.target.name)}", "data.sources=[" + ",".join(stem(n) for n in cfg.data.sources) + "]"]
+    sources = ",".join(stem(n) for n in cfg.data.sources)
+    return [f"target.name={stem(cfg.target.name)}", f"data.sources=[{sources}]"]

@@ -63,10 +63,10 @@ def finished_jobs(stage_key: str, out_dir: Path, log_models: bool) -> dict[Job, 
     client = main_client()
     active = mlflow.active_run()
     exp = client.get_experiment_by_name(mlflow.get_experiment(active.info.experiment_id).name)
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`pipeline.stage` = 'finetune-run' and "
-                                           f"tags.`pipeline.stage_key` = '{stage_key}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=10000)
+    query = (f"tags.`pipeline.stage` = 'finetune-run' and tags.`pipeline.stage_key` = '{stage_key}' "
+             f"and attributes.status = 'FINISHED'")
+    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=10000)
     parents: dict[str, str] = {}
     out: dict[Job, dict] = {}
     for r in runs:

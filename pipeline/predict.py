@@ -9,6 +9,7 @@ import mlflow
 import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
+import pandas as pd
 import torch
 
 from .data import IMAGE_SUFFIXES, DataError, read_image
@@ -39,13 +40,18 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return out
 
 
-def load_model(uri: str) -> tuple[torch.nn.Module, dict]:
-    """A logged model (`models:/name/version`, `runs:/id/model`, a path) and its preprocessing spec."""
+def download_model(uri: str) -> Path:
+    """A local copy of a logged model (`models:/name/version`, `runs:/id/model`, a path)."""
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as e:
         raise DataError(f"cannot load model {uri!r} ({e}); use models:/<name>/<version> or runs:/<run_id>/model") \
             from e
+
+
+def load_model(uri: str, local: Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """A logged fine-tuned model and its preprocessing spec (`local`: already downloaded from `uri`)."""
+    local = local or download_model(uri)
     spec_file = next(iter(local.rglob(PREPROCESS_FILE)), None)
     if spec_file is None:
         raise DataError(f"model {uri} has no {PREPROCESS_FILE}; it was not logged by this pipeline")
@@ -64,23 +70,20 @@ def predict_files(model: torch.nn.Module, spec: dict, files: list[Path], batch_s
     return np.concatenate(out)
 
 
-def load_predictor(uri: str) -> tuple[Callable[[list[Path]], "pd.DataFrame"], str]:
+def load_predictor(uri: str) -> tuple[Callable[[list[Path]], pd.DataFrame], str]:
     """What `predict` calls for a model URI: image files -> a DataFrame of `prob_<class>` and `predicted`, and a line
     saying how the class is decided. A `<registry>-best` model (an MLflow pyfunc with `serving.json`: the members'
     mean, a threshold chosen on validation) or a single logged fine-tuned model (argmax)."""
     from .served import SERVING_FILE, probability_frame
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as e:
-        raise DataError(f"cannot load model {uri!r} ({e}); use models:/<name>/<version> or runs:/<run_id>/model") \
-            from e
+    local = download_model(uri)
     serving = next(iter(local.rglob(SERVING_FILE)), None)
     if serving is not None:
         model, info = mlflow.pyfunc.load_model(str(local)), json.loads(serving.read_text())
-        note = (f"{info['candidate']} (k={info['k']}, seed {info['seed']}, members {info['members']}); predicted: "
-                + (f"{info['class_names'][1]} when prob_{info['class_names'][1]} >= {info['threshold']:.4f} "
-                   f"({info['rule']} on validation)" if info.get("threshold") is not None else "the most probable class"))
+        positive = info["class_names"][-1]
+        rule = (f"{positive} when prob_{positive} >= {info['threshold']:.4f} ({info['rule']} on validation)"
+                if info.get("threshold") is not None else "the most probable class")
+        note = f"{info['candidate']} (k={info['k']}, seed {info['seed']}, members {info['members']}); predicted: {rule}"
         return (lambda files: model.predict([str(f) for f in files])), note
-    net, spec = load_model(uri)
+    net, spec = load_model(uri, local)
     return (lambda files: probability_frame(predict_files(net, spec, files), {"class_names": spec["class_names"]})), \
         "predicted: the most probable class"

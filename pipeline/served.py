@@ -87,14 +87,16 @@ def register_best(res: dict, index: dict, val_dir: Path, registry: str, work: Pa
         op = sel.get("operating_point", {})
         serving = {"class_names": index["class_names"], "candidate": cand, "k": k, "seed": seed,
                    "members": [m["arm"] for m in members], "threshold": op.get("thresholds", {}).get(str(seed)),
-                   "rule": op.get("rule", "argmax"), "selection_metric": sel["metric"], "validation_score": scores[seed]}
+                   "rule": op.get("rule", "argmax"), "selection_metric": sel["metric"],
+                   "validation_score": scores[seed]}
         uri = log_best([m["model_uri"] for m in members], serving, work / key, f"best_{key}")
         mv = mlflow.register_model(uri, f"{registry}-best")
         test_auc = res["chosen"][key]["auc"][0]
+        seed_auc = next(r["auc"] for r in res["rows"] if (r["arm"], r["k"], r["seed"]) == (cand, k, seed))
         tags = {"k": k, "candidate": cand, "seed": seed, "selection_metric": sel["metric"],
                 "validation_score": f"{scores[seed]:.6f}", "threshold": serving["threshold"], "rule": serving["rule"],
                 "test_auc_mean_over_seeds": f"{test_auc:.6f}",
-                "test_auc": f"{next(r for r in res['rows'] if (r['arm'], r['k'], r['seed']) == (cand, k, seed))['auc']:.6f}"}
+                "test_auc": f"{seed_auc:.6f}"}
         for t, v in tags.items():
             client.set_model_version_tag(mv.name, mv.version, t, str(v))
         out[f"model.best_{key}"] = f"models:/{mv.name}/{mv.version}"

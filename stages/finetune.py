@@ -55,9 +55,10 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
             logger.keep(job, done[job])
             continue
         with job_run(job, data.model_name, target.name, key):
-            live = job not in results
-            res = train_job(data, ft, job, arms[job.arm], cfg.seed, on_epoch=log_epoch, **speed) if live else results[job]
-            logger.log(res, live=live)
+            if job in results:
+                logger.log(results[job], live=False)
+            else:
+                logger.log(train_job(data, ft, job, arms[job.arm], cfg.seed, on_epoch=log_epoch, **speed), live=True)
     logger.write_index()
     mlflow.log_metric("finetune_seconds", time.time() - t_start)
     out = {"predictions_uri": mlflow.get_artifact_uri("predictions"),
