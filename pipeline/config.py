@@ -76,7 +76,7 @@ class BackboneConfig:
 class MetaConfig:
     """Meta-training on N-way K-shot tasks from the source pool (the meta stage)."""
 
-    algorithm: str = "reptile"  # maml | fomaml | anil | reptile | metasgd (pipeline/meta/algorithms.py)
+    algorithm: str = "reptile"  # maml | fomaml | anil | reptile | metasgd | protonet (pipeline/meta/algorithms.py)
     ways: int = 3  # 3-way keeps six of the seven source sets usable for within-data-set tasks
     shots: int = 5  # support images per class in a task
     queries: int = 15  # query images per class in a task
@@ -131,6 +131,9 @@ class FinetuneConfig:
     # start every fine-tune's head at zero (initial loss log(C)) instead of timm's init, which for a 2-class head on
     # 1280 features draws weights up to +-0.71: initial logits 23-34 apart, loss 11-15 (benchmarks/head_init.py)
     zero_head: bool = True
+    # "prototype": the head starts from the k-shot class means c_k of the body's features, W_k = 2 c_k,
+    # b_k = -||c_k||^2 (a prototypical classifier; Proto-MAML); "default": zero_head decides
+    head_init: str = "default"
     patience: int = 10  # early stopping on validation AUC
     # Semi-supervised self-training (off at 0): the fine-tuned model (teacher) pseudo-labels unlabelled images of the
     # target's train split, then a fresh copy of the arm's initial model (student) is fine-tuned on the k labelled
@@ -371,6 +374,7 @@ def validate(cfg: PipelineConfig) -> None:
         "channels_last": (cfg.channels_last, {"auto", "on", "off"}),
         "finetune.pseudo_augment": (cfg.finetune.pseudo_augment, {"recipe", "strong"}),
         "evaluate.selection_metric": (cfg.evaluate.selection_metric, {"log_loss", "auc"}),
+        "finetune.head_init": (cfg.finetune.head_init, {"default", "prototype"}),
     }
     for key, (val, allowed) in choices.items():
         if val not in allowed:

@@ -192,8 +192,13 @@ def train_job(data: TargetInputs, ft: FinetuneConfig, job: Job, arm: Arm, seed: 
         train_t = build_job_transform(ft, data.size, data.dinfo, rs)
         train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
         x_sel, y_sel = data.x_val[torch.from_numpy(va_idx)], va.labels[va_idx]
+        head_inputs = None  # the k labelled images, as the eval transform makes them, for a prototype head
+        if ft.head_init == "prototype":
+            head_inputs = (stack_inputs(ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], data.eval_t)),
+                           tr.labels[tr_idx])
         res = fit(model, train_ds, x_sel, y_sel, ft, dev, seed=rs, head=head_prefix(model), n_classes=data.n_classes,
-                  on_epoch=on_epoch, num_workers=num_workers, channels_last=channels_last, compile=compile)
+                  on_epoch=on_epoch, num_workers=num_workers, channels_last=channels_last, compile=compile,
+                  head_inputs=head_inputs)
 
         def note_teacher(rnd: int, teacher: nn.Module, teacher_fit: FitResult) -> None:
             extra["teacher_val_auc" if rnd == 0 else f"round{rnd}_val_auc"] = teacher_fit.best_val_auc
@@ -204,7 +209,7 @@ def train_job(data: TargetInputs, ft: FinetuneConfig, job: Job, arm: Arm, seed: 
             model, res, lambda: build_arm_model(arm.checkpoint, data.model_name, data.n_classes, rs), ft, tr, tr_idx,
             data.eval_t, student_transform(ft, train_t, data.size, data.dinfo, rs), x_sel, y_sel, dev, seed=rs,
             n_classes=data.n_classes, before_round=note_teacher, on_epoch=on_epoch, channels_last=channels_last,
-            num_workers=num_workers, compile=compile)
+            num_workers=num_workers, compile=compile, head_inputs=head_inputs)
         extra |= st.diagnostics
         val_prob = predict_proba(st.model, data.x_val, dev, channels_last=channels_last, tta=ft.tta)
         prob = None

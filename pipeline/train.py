@@ -44,6 +44,23 @@ class FlipTTA(nn.Module):
 
 
 @torch.no_grad()
+def prototype_head(model: nn.Module, x: torch.Tensor, y: np.ndarray, n_classes: int, head: str, dev: torch.device,
+                   channels_last: bool = False) -> None:
+    """Initialise the linear head from the class means c_k of the body's pooled features on the labelled images:
+    W_k = 2 c_k, b_k = -||c_k||^2, so that the logits are -||f - c_k||^2 + ||f||^2, a prototypical classifier up to a
+    per-image constant (Proto-MAML, Triantafillou et al. 2020). BatchNorm uses its running statistics (eval mode)."""
+    model.to(dev).eval()
+    feats = torch.cat([model.forward_head(model.forward_features(to_memory_format(xb.to(dev), channels_last)),
+                                          pre_logits=True) for xb in x.split(256)])
+    feats = feats.float() if feats.dtype in (torch.float16, torch.bfloat16) else feats
+    y_t = torch.as_tensor(y, device=feats.device)
+    protos = torch.stack([feats[y_t == c].mean(0) for c in range(n_classes)])
+    lin = model.get_submodule(head.rstrip("."))
+    lin.weight.copy_(2 * protos.to(lin.weight.dtype))
+    lin.bias.copy_(-(protos ** 2).sum(1).to(lin.bias.dtype))
+
+
+@torch.no_grad()
 def predict_proba(model: nn.Module, x_all: torch.Tensor, dev: torch.device, batch_size: int = 256,
                   channels_last: bool = False, tta: bool = False) -> np.ndarray:
     """Softmax probabilities for already transformed images (`stack_inputs`); `tta`: through `FlipTTA`."""
@@ -65,12 +82,13 @@ def log_loss(y: np.ndarray, prob: np.ndarray) -> float:
 def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: np.ndarray,
         ft: FinetuneConfig, dev: torch.device, seed: int, head: str, n_classes: int,
         on_epoch: Callable[[int, dict], None] | None = None, num_workers: int = 0, channels_last: bool = False,
-        compile: bool = False) -> FitResult:
+        compile: bool = False, head_inputs: tuple[torch.Tensor, np.ndarray] | None = None) -> FitResult:
     """Train in place; leaves `model` holding the weights of the best validation epoch: highest AUC, ties (a
     saturated AUC of 1.0 is common with 50 images per class) broken by the lower validation log loss.
 
     `x_val` holds the validation images already transformed (`stack_inputs`): one eval-transform pass per stage,
-    not per epoch."""
+    not per epoch. `head_inputs`: the labelled images (eval-transformed) and labels that `finetune.head_init=prototype`
+    builds the head from."""
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -78,7 +96,11 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
     head = head.rstrip(".") + "."
     head_p = [p for n, p in model.named_parameters() if n.startswith(head)]
     body_p = [p for n, p in model.named_parameters() if not n.startswith(head)]
-    if ft.zero_head:
+    if ft.head_init == "prototype":
+        if head_inputs is None:
+            raise ValueError("finetune.head_init=prototype needs the labelled images (head_inputs)")
+        prototype_head(model, *head_inputs, n_classes, head, dev, channels_last)
+    elif ft.zero_head:
         zero_head(model, head)
     opt = torch.optim.AdamW([{"params": body_p, "lr": ft.lr_body}, {"params": head_p, "lr": ft.lr_head}],
                             weight_decay=ft.weight_decay)

@@ -286,3 +286,39 @@ def test_maml_step_reduces_query_loss_on_a_fixed_task():
         first = loss if first is None else first
         opt.step()
     assert loss < first * 0.8
+
+
+def test_protonet_loss_is_the_prototypical_loss_by_hand():
+    """Query loss of ProtoNet = cross-entropy of negative squared distances to the support class means, computed
+    here with plain torch on the tiny model's features."""
+    learner = create_learner(tiny(), "protonet")
+    xs, ys, xq, yq = make_tasks(T=1)
+    params = {k: v.detach() for k, v in learner.params().items()}
+    with batch_stats_only(learner.model):
+        loss, acc = learner.task_loss(params, xs[0], ys[0], xq[0], yq[0])
+        fs = learner.model.forward_head(learner.model.forward_features(xs[0]), pre_logits=True)
+        fq = learner.model.forward_head(learner.model.forward_features(xq[0]), pre_logits=True)
+    protos = [fs[ys[0] == c].mean(0) for c in range(3)]
+    logits = torch.stack([torch.stack([-((q - p) ** 2).sum() for p in protos]) for q in fq])
+    by_hand = -torch.log_softmax(logits, 1)[torch.arange(len(yq[0])), yq[0]].mean()
+    torch.testing.assert_close(loss, by_hand, rtol=1e-12, atol=1e-12)
+    assert acc.item() == pytest.approx((logits.argmax(1) == yq[0]).double().mean().item())
+
+
+def test_protonet_step_trains_the_body_only_and_lowers_the_loss():
+    learner = create_learner(tiny(), "protonet")
+    task = make_tasks(T=2)
+    head = {k: v.clone() for k, v in learner.model.classifier.state_dict().items()}
+    opt = torch.optim.Adam(learner.meta_parameters(), lr=0.1)
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        loss, _ = learner.meta_backward(*task, batched=False)
+        first = loss if first is None else first
+        opt.step()
+    assert loss < first * 0.85  # measured: 1.098 -> 0.869 on these random tasks
+    for k, v in learner.model.classifier.state_dict().items():  # no gradient reaches the unused head
+        assert torch.equal(v, head[k])
+    la, _ = create_learner(tiny(), "protonet").meta_backward(*task, batched=True)
+    lb, _ = create_learner(tiny(), "protonet").meta_backward(*task, batched=False)
+    assert abs(la - lb) < 1e-10

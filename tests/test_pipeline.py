@@ -688,10 +688,11 @@ def test_mlflow_run_entry_point(tmp_path, real_data):
     assert rs[0].data.tags["pipeline.stage"] == "backbone" and "weights_sha256" in rs[0].data.tags
 
 
-@pytest.mark.parametrize("algorithm,extra", [("anil", []), ("metasgd", []), ("maml", ["meta.unroll=true"])])
+@pytest.mark.parametrize("algorithm,extra", [("anil", []), ("metasgd", []), ("maml", ["meta.unroll=true"]),
+                                            ("protonet", [])])
 def test_meta_stage_runs_each_algorithm(tmp_path, real_data, algorithm, extra):
-    """maml (reverse sweep), fomaml and reptile go through the meta stage in the tests above; anil, metasgd and
-    maml through the unrolled inner loop here."""
+    """maml (reverse sweep), fomaml and reptile go through the meta stage in the tests above; anil, metasgd,
+    protonet and maml through the unrolled inner loop here; every meta run logs where it started and its best."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [a for e in extra for a in ("--set", e)]
     p = cli(["run", "--stage", "backbone,meta", "--config", SMOKE, "--set", f"data.root={real_data}",
@@ -699,6 +700,7 @@ def test_meta_stage_runs_each_algorithm(tmp_path, real_data, algorithm, extra):
     assert f"[meta] {algorithm}:" in p.stdout
     run, weights = final_meta_weights(uri, "fewshot-medmeta-smoke")
     assert run.data.tags["algorithm"] == algorithm and "meta_val_acc" in run.data.metrics
+    assert {"meta_val_start_acc", "meta_val_best_acc"} <= set(run.data.metrics)
     if algorithm == "metasgd":
         assert run.data.metrics["metasgd_lr_std"] > 0  # the per-parameter learning rates were learned
     assert run.data.params.get("meta.unroll", "False") == str("meta.unroll=true" in extra)
@@ -723,3 +725,20 @@ def test_rezero_head_meta_learns_the_body_only(tmp_path, real_data):
             assert not torch.equal(w["conv_stem.weight"], start["conv_stem.weight"])  # the body was meta-learned
     assert heads["true"] and all(torch.count_nonzero(h) == 0 for h in heads["true"])
     assert any(torch.count_nonzero(h) > 0 for h in heads["false"])
+
+
+def test_protonet_meta_arm_with_a_prototype_head_end_to_end(tmp_path, real_data):
+    """meta.algorithm=protonet and finetune.head_init=prototype through backbone, meta and finetune at smoke size:
+    the meta-protonet arm fine-tunes from a head built of the k-shot class means."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = cli(["run", "--stage", "backbone,meta,finetune", "--config", SMOKE, "--set", f"data.root={real_data}",
+             "--set", "meta.algorithm=protonet", "--set", "finetune.head_init=prototype",
+             "--set", "finetune.arms=[transfer,meta]", "--set", "finetune.shots=[5]", "--set", "finetune.seeds=1"],
+            tmp_path, uri)
+    assert "[meta] protonet:" in p.stdout
+    jobs = {r.data.tags["arm"]: r for r in runs(uri, "fewshot-medmeta-smoke")
+            if r.data.tags.get("pipeline.stage") == "finetune-run"}
+    assert set(jobs) == {"transfer", "meta-protonet"} and all(r.info.status == "FINISHED" for r in jobs.values())
+    ft = next(r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "finetune")
+    assert ft.data.params["finetune.head_init"] == "prototype"
+    assert all(0.0 <= r.data.metrics["test_auc"] <= 1.0 for r in jobs.values())

@@ -174,3 +174,23 @@ def test_self_train_without_unlabelled_images_is_a_clear_error():
     with pytest.raises(DataError, match="finetune.pseudo_per_class=0"):
         self_train(Brightness(False), lambda: tiny(seed=3, dtype=torch.float32, n_classes=2), ft,
                    Split(images, labels), np.arange(8), t, t, x_val, va_y, CPU, seed=5, n_classes=2)
+
+
+def test_prototype_head_logits_are_negative_squared_distances_up_to_a_per_image_constant():
+    from pipeline.train import prototype_head
+    model = tiny(n_classes=3).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, 5, 5, generator=g, dtype=torch.float64)
+    y = np.array([0, 1, 2] * 4)
+    prototype_head(model, x, y, 3, "classifier", torch.device("cpu"))
+    with torch.no_grad():
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        protos = torch.stack([f[torch.as_tensor(y) == c].mean(0) for c in range(3)])
+        q = torch.randn(7, 3, 5, 5, generator=g, dtype=torch.float64)
+        fq = model.forward_head(model.forward_features(q), pre_logits=True)
+        logits = model(q)
+    neg_d2 = -((fq[:, None] - protos[None]) ** 2).sum(-1)
+    const = logits - neg_d2  # the same for every class of an image: ||f||^2
+    torch.testing.assert_close(const, const[:, :1].expand_as(const), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(const[:, 0], (fq ** 2).sum(1), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(protos[0], protos[1])  # distinct prototypes: the check above is not trivial

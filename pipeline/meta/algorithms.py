@@ -315,6 +315,53 @@ class Reptile(MetaLearner):
         return losses.mean().item(), accs.mean().item()
 
 
+def prototype_logits(fs: Tensor, ys: Tensor, fq: Tensor, n_ways: int) -> Tensor:
+    """Negative squared Euclidean distances from query features `fq` to the class means of support features `fs`
+    (labels `ys` in 0..n_ways-1): the logits of a prototypical network."""
+    onehot = F.one_hot(ys, n_ways).to(fs.dtype)  # (S, N): class means without data-dependent shapes (vmap)
+    protos = onehot.T @ fs / onehot.sum(0)[:, None]
+    return -((fq[:, None, :] - protos[None]) ** 2).sum(-1)
+
+
+class ProtoNet(MetaLearner):
+    """Prototypical networks (Snell et al. 2017): no inner loop; a query is classified by the squared Euclidean
+    distance of its body features to the class means (prototypes) of the support features, and the body is trained
+    on the episodic cross-entropy of those distances. The classifier head is not used (it stays as it is)."""
+
+    name = "protonet"
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
+                 unroll: bool = False, compile: bool = False):
+        super().__init__(model, inner_lr, inner_steps, head, unroll, compile)
+        self._features = _Features(model)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def features(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self._features, {f"m.{k}": v for k, v in params.items()}, (x,))
+
+    def adapt_task(self, params: Params, xs: Tensor, ys: Tensor, first_order: bool | None = None
+                   ) -> Callable[[Tensor], Tensor]:
+        n = self.split(params)[1][f"{self.head}weight"].shape[0]  # the N-way head's size: N classes per task
+        fs = self.features(params, xs)
+        return lambda x: prototype_logits(fs, ys, self.features(params, x), n)
+
+    def _meta_backward(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool
+                       ) -> tuple[float, float]:
+        if batched:
+            losses, accs = vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")(
+                params, xs, ys, xq, yq)
+            losses.mean().backward()
+            return losses.mean().item(), accs.mean().item()
+        T, tot_l, tot_a = xs.shape[0], 0.0, 0.0
+        for t in range(T):  # one task's graph at a time
+            loss, acc = self.task_loss(params, xs[t], ys[t], xq[t], yq[t])
+            (loss / T).backward()
+            tot_l, tot_a = tot_l + loss.item() / T, tot_a + acc.item() / T
+        return tot_l, tot_a
+
+
 # meta.algorithm -> how to build it; the config accepts exactly these names
 ALGORITHMS: dict[str, Callable[..., MetaLearner]] = {
     "maml": MAML,
@@ -322,6 +369,7 @@ ALGORITHMS: dict[str, Callable[..., MetaLearner]] = {
     "anil": ANIL,
     "reptile": Reptile,
     "metasgd": MetaSGD,
+    "protonet": ProtoNet,
 }
 
 
