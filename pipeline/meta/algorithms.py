@@ -139,6 +139,25 @@ class MetaLearner(nn.Module):
                        ) -> tuple[float, float]:
         raise NotImplementedError
 
+    def _backward_task_losses(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool
+                              ) -> tuple[float, float]:
+        """Autograd through `task_loss`: all tasks at once under `vmap`, or one task's graph at a time."""
+        if batched:
+            losses, accs = vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")(
+                params, xs, ys, xq, yq)
+            losses.mean().backward()
+            return losses.mean().item(), accs.mean().item()
+        T, tot_l, tot_a = xs.shape[0], 0.0, 0.0
+        for t in range(T):
+            loss, acc = self.task_loss(params, xs[t], ys[t], xq[t], yq[t])
+            (loss / T).backward()
+            tot_l, tot_a = tot_l + loss.item() / T, tot_a + acc.item() / T
+        return tot_l, tot_a
+
+    def features(self, params: Params, x: Tensor) -> Tensor:
+        """Pooled pre-logit features of the body under `params` (for learners that set `_features`)."""
+        return functional_call(self._features, {f"m.{k}": v for k, v in params.items()}, (x,))
+
     def _accumulate(self, params: Params, g: Params, lr_grad: Params | None = None, scale: float = 1.0) -> None:
         """Add scale·g into the parameters' `.grad` (and Meta-SGD's LR gradients), as `backward` would."""
         pairs = [(p, g[k]) for k, p in params.items()]
@@ -187,19 +206,9 @@ class MAML(MetaLearner):
 
     def _meta_backward(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool
                        ) -> tuple[float, float]:
-        if batched:
-            losses, accs = vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")(
-                params, xs, ys, xq, yq)
-            losses.mean().backward()
-            return losses.mean().item(), accs.mean().item()
-        T = xs.shape[0]
-        tot_l = tot_a = 0.0
-        if self.unroll:  # per-task backward keeps only one task's graph alive
-            for t in range(T):
-                loss, acc = self.task_loss(params, xs[t], ys[t], xq[t], yq[t])
-                (loss / T).backward()
-                tot_l, tot_a = tot_l + loss.item() / T, tot_a + acc.item() / T
-            return tot_l, tot_a
+        if batched or self.unroll:  # autograd through the inner steps (per task: one task's graph alive)
+            return self._backward_task_losses(params, xs, ys, xq, yq, batched)
+        T, tot_l, tot_a = xs.shape[0], 0.0, 0.0
         theta = {k: v.detach() for k, v in params.items()}
         lr = self.lr_dict()
         lr = {k: v.detach() for k, v in lr.items()} if isinstance(lr, dict) else lr
@@ -257,9 +266,6 @@ class ANIL(MAML):
 
     def double_backward(self, batched: bool) -> bool:
         return False  # the second derivatives are the head's only
-
-    def features(self, params: Params, x: Tensor) -> Tensor:
-        return functional_call(self._features, {f"m.{k}": v for k, v in params.items()}, (x,))
 
     def head_logits(self, head: Params, f: Tensor) -> Tensor:
         n = len(self.head)
@@ -338,9 +344,6 @@ class ProtoNet(MetaLearner):
     def meta_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
-    def features(self, params: Params, x: Tensor) -> Tensor:
-        return functional_call(self._features, {f"m.{k}": v for k, v in params.items()}, (x,))
-
     def adapt_task(self, params: Params, xs: Tensor, ys: Tensor, first_order: bool | None = None
                    ) -> Callable[[Tensor], Tensor]:
         n = self.split(params)[1][f"{self.head}weight"].shape[0]  # the N-way head's size: N classes per task
@@ -349,17 +352,7 @@ class ProtoNet(MetaLearner):
 
     def _meta_backward(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool
                        ) -> tuple[float, float]:
-        if batched:
-            losses, accs = vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")(
-                params, xs, ys, xq, yq)
-            losses.mean().backward()
-            return losses.mean().item(), accs.mean().item()
-        T, tot_l, tot_a = xs.shape[0], 0.0, 0.0
-        for t in range(T):  # one task's graph at a time
-            loss, acc = self.task_loss(params, xs[t], ys[t], xq[t], yq[t])
-            (loss / T).backward()
-            tot_l, tot_a = tot_l + loss.item() / T, tot_a + acc.item() / T
-        return tot_l, tot_a
+        return self._backward_task_losses(params, xs, ys, xq, yq, batched)
 
 
 # meta.algorithm -> how to build it; the config accepts exactly these names
