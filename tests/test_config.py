@@ -34,7 +34,7 @@ def test_overrides_are_typed():
     ("meta.iterations=ten", "config key 'meta.iterations'"),
     ("finetune.augment=3", "expected true/false"),
     ("finetune.shots=[5,x]", "finetune.shots[1]"),
-    ("meta.algorithm=protonet", "is not one of"),
+    ("meta.algorithm=prototypical", "is not one of"),
     ("meta=3", "is a section"),
     ("novalue", "key=value"),
     ("finetune.arms=[transfer,imagenet21k]", "unknown arm"),
