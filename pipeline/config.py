@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -76,7 +76,8 @@ class BackboneConfig:
 class MetaConfig:
     """Meta-training on N-way K-shot tasks from the source pool (the meta stage)."""
 
-    algorithm: str = "reptile"  # maml | fomaml | anil | reptile | metasgd | protonet (pipeline/meta/algorithms.py)
+    # maml | fomaml | anil | reptile | metasgd | protonet | multitask (pipeline/meta/algorithms.py)
+    algorithm: str = "reptile"
     ways: int = 3  # 3-way keeps six of the seven source sets usable for within-data-set tasks
     shots: int = 5  # support images per class in a task
     queries: int = 15  # query images per class in a task
@@ -109,10 +110,13 @@ class MetaConfig:
 class FinetuneConfig:
     """The few-shot fine-tune of every arm on paired k-shot subsets (the finetune stage)."""
 
-    # scratch, transfer, meta; `<arm>.r<n>` (n >= 1) is replica n of an arm: the same initial weights and k-shot
-    # subsets, another seed for the head, augmentation, batch order and dropout (e.g. an ensemble control)
+    # scratch, transfer, meta; `<arm>@<timm model>` (scratch or transfer) is that arm on another backbone, built by
+    # the backbone stage beside backbone.model, on the same paired subsets; `<arm>.r<n>` (n >= 1) is replica n of an
+    # arm: the same initial weights and k-shot subsets, another seed for the head, augmentation, batch order and
+    # dropout (e.g. an ensemble control)
     arms: list[str] = field(default_factory=lambda: ["scratch", "transfer", "meta"])
-    shots: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])  # k: labelled images per class
+    # k: labelled images per class; "all" (stored as 0) trains on every train label, the full-label ceiling
+    shots: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
     seeds: int = 5  # paired k-shot subsets (seed numbers) per k
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (add seeds to an experiment without redoing any)
     val_per_class: int = 50  # labelled validation images per class for model selection (0 = whole split)
@@ -162,7 +166,7 @@ class EvaluateConfig:
     ci: float = 0.95  # confidence level of every interval
     reference_arm: str = "transfer"  # other arms are compared to this one, paired by (k, seed)
     from_run: str = ""  # explicit finetune run id
-    ensemble: bool = True  # add an `ensemble` arm: mean probabilities of transfer and meta-* arms per (k, seed)
+    ensemble: bool = True  # add an `ensemble` arm: mean probabilities of the transfer, transfer@<model> and meta-* arms
     # further ensemble arms, each "name=arm+arm[+...]", e.g. "ensemble-2transfer=transfer+transfer.r1"
     ensembles: list[str] = field(default_factory=list)
     # further finetune runs whose predictions join the upstream run's (e.g. seeds 3-4 run after seeds 0-2); they must
@@ -224,8 +228,13 @@ def speed_only_keys(obj: Any = None, prefix: str = "") -> set[str]:
     return out
 
 
+ALL_SHOTS = 0  # `finetune.shots: [all]`: every train label (the full-label reference row)
+
+
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     """Return `value` converted to `tp` where that is lossless, else raise ConfigError."""
+    if key.startswith("finetune.shots[") and value == "all":
+        return ALL_SHOTS
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -308,8 +317,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-ARM_RE = re.compile(r"^(scratch|transfer|meta)(?:\.r(\d+))?$")  # names that suit metric keys and file names
+# <kind>[@<timm model>][.r<n>]; the model part is lazy, so 'transfer@resnet50.a1_in1k.r1' keeps the model's own '.'
+ARM_RE = re.compile(r"^(scratch|transfer|meta)(?:@([A-Za-z0-9][A-Za-z0-9_.-]*?))?(?:\.r(\d+))?$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ArmSpec(NamedTuple):
+    """A parsed `finetune.arms` entry: its kind, replica number and timm model ('' = `backbone.model`)."""
+
+    kind: str
+    replica: int
+    model: str = ""
 
 
 def replica_name(arm: str, replica: int) -> str:
@@ -322,14 +340,33 @@ def is_replica(arm: str) -> bool:
     return re.search(r"\.r\d+$", arm) is not None
 
 
-def parse_arm(spec: str) -> tuple[str, int]:
-    """'transfer' -> ('transfer', 0); 'transfer.r1' -> ('transfer', 1), replica 1 of the transfer arm."""
+def parse_arm(spec: str) -> ArmSpec:
+    """'transfer' -> ('transfer', 0, ''); 'transfer.r1' -> replica 1 of the transfer arm;
+    'transfer@tf_efficientnet_lite2' -> the transfer arm of another backbone (built by the backbone stage too)."""
     m = ARM_RE.match(spec)
-    kind, rep = (m.group(1), m.group(2)) if m else (spec, "")
+    kind, model, rep = (m.group(1), m.group(2), m.group(3)) if m else (spec, "", "")
     if not m or (rep and int(rep) < 1):
-        raise ConfigError(f"config key 'finetune.arms': unknown arm {spec!r}; use scratch, transfer, meta, or "
+        raise ConfigError(f"config key 'finetune.arms': unknown arm {spec!r}; use scratch, transfer, meta, "
+                          f"<arm>@<timm model> for another backbone (e.g. transfer@tf_efficientnet_lite2), or "
                           f"<arm>.r<n> with n >= 1 for a replica (another training seed), e.g. transfer.r1")
-    return kind, int(rep or 0)
+    return ArmSpec(kind, int(rep or 0), model or "")
+
+
+def backbone_models(cfg: PipelineConfig) -> list[str]:
+    """Every timm model the run needs: `backbone.model` first (the one meta-training starts from), then each other
+    model an arm names (`transfer@<model>`), in the arms' order."""
+    models = [cfg.backbone.model]
+    for spec in cfg.finetune.arms:
+        model = parse_arm(spec).model
+        if model and model not in models:
+            models.append(model)
+    return models
+
+
+def mlflow_key(name: str) -> str:
+    """An arm or candidate name as MLflow metric keys and registered-model names allow it: '@' (which neither
+    takes, and which `models:/` URIs read as an alias) becomes '.'."""
+    return name.replace("@", ".")
 
 
 TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # no '.', so '<tag>.<arm>' splits one way
@@ -380,7 +417,14 @@ def validate(cfg: PipelineConfig) -> None:
         if val not in allowed:
             raise ConfigError(f"config key '{key}': {val!r} is not one of {sorted(allowed)}")
     for arm in cfg.finetune.arms:
-        parse_arm(arm)
+        spec = parse_arm(arm)
+        if spec.model == cfg.backbone.model:
+            raise ConfigError(f"config key 'finetune.arms': {arm!r} names backbone.model itself; that is the "
+                              f"{spec.kind!r} arm, so write {replica_name(spec.kind, spec.replica)!r}")
+        if spec.kind == "meta" and spec.model:
+            raise ConfigError(f"config key 'finetune.arms': {arm!r}: meta-training starts from backbone.model "
+                              f"({cfg.backbone.model}) only; meta-train another body in a run with "
+                              f"backbone.model={spec.model} and add that meta run with finetune.meta_from_runs")
     if len(set(cfg.finetune.arms)) != len(cfg.finetune.arms):
         raise ConfigError(f"config key 'finetune.arms': {cfg.finetune.arms} names an arm twice; use <arm>.r<n> for a "
                           f"second copy with another seed")
@@ -457,5 +501,6 @@ def validate(cfg: PipelineConfig) -> None:
                           f"{cfg.finetune.pseudo_epochs}")
     if cfg.meta.ways < 2:
         raise ConfigError("config key 'meta.ways' must be >= 2 (a task needs two classes)")
-    if any(k < 1 for k in cfg.finetune.shots):
-        raise ConfigError(f"config key 'finetune.shots': every k must be >= 1, got {cfg.finetune.shots}")
+    if any(k < 0 for k in cfg.finetune.shots) or len(set(cfg.finetune.shots)) != len(cfg.finetune.shots):
+        raise ConfigError(f"config key 'finetune.shots': every k must be >= 1 (or 'all'), each once, got "
+                          f"{cfg.finetune.shots}")

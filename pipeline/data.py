@@ -380,7 +380,10 @@ def load_sources(cfg) -> list[LabeledData]:
 
 
 def sample_kshot(labels: np.ndarray, k: int, seed: int, where: str = "train split") -> np.ndarray:
-    """k indices per class, seeded; subsets are nested in k for a fixed seed (k=5 within k=10)."""
+    """k indices per class, seeded; subsets are nested in k for a fixed seed (k=5 within k=10); k=0: every index
+    (`finetune.shots: [all]`)."""
+    if k == 0:
+        return np.arange(len(labels))
     rng = np.random.default_rng(seed)
     out = []
     for c in range(int(labels.max()) + 1):

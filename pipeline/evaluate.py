@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
-from .config import EvaluateConfig, is_replica, parse_ensemble, tagged_arm  # noqa: E402
+from .config import EvaluateConfig, is_replica, mlflow_key, parse_ensemble, tagged_arm  # noqa: E402
 from .data import DataError  # noqa: E402
 from .metrics import METRICS, bootstrap_ci, classification_metrics, mean_ci, paired_comparison  # noqa: E402
 from .selection import choose_candidates, operating_threshold  # noqa: E402
@@ -29,9 +29,9 @@ def read_predictions(path: Path, class_names: list[str]) -> tuple[np.ndarray, np
 
 
 def ensemble_members(arms: list[str]) -> list[str]:
-    """The arms the default ensemble averages: the pretrained ones (transfer and every meta-*), not scratch and not
-    replicas (`<arm>.r<n>`, which `evaluate.ensembles` can name)."""
-    return [a for a in arms if not is_replica(a) and (a == "transfer" or a.startswith("meta-"))]
+    """The arms the default ensemble averages: the pretrained ones (transfer, transfer@<model> and every meta-*),
+    not scratch and not replicas (`<arm>.r<n>`, which `evaluate.ensembles` can name)."""
+    return [a for a in arms if not is_replica(a) and (a.partition("@")[0] == "transfer" or a.startswith("meta-"))]
 
 
 def val_dir(pred_dir: Path) -> Path:
@@ -342,7 +342,7 @@ def summary_metrics(res: dict) -> dict[str, float]:
     out = {}
     for a in res["aggregates"]:
         for m in ("auc", "accuracy"):
-            out[f"{m}_k{a['k']}_{a['arm']}"] = a[m]
+            out[f"{m}_k{a['k']}_{mlflow_key(a['arm'])}"] = a[m]
     for key, c in res.get("chosen", {}).items():
         out[f"auc_{key}_chosen"] = c["auc"][0]
         if not math.isnan(c["auc"][1]):

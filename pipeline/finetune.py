@@ -36,11 +36,12 @@ class Job(NamedTuple):
 
 @dataclass
 class Arm:
-    """An arm's initial weights (None: random init of the backbone's architecture) and its replica number (0 for
-    the arm itself, n for `<arm>.r<n>`)."""
+    """An arm's initial weights (None: random init of the architecture), its replica number (0 for the arm itself,
+    n for `<arm>.r<n>`) and its timm model (whose preprocessing its `TargetInputs` use)."""
 
     checkpoint: dict | None
     replica: int = 0
+    model: str = ""
 
 
 @dataclass
@@ -153,9 +154,10 @@ def check_target(cfg: PipelineConfig, target: LabeledData) -> int:
     n_val = selection_size(ft.val_per_class, va.labels)
     for k in ft.shots:
         job_subsets(tr.labels, va.labels, k, n_val, cfg.seed, 0, target.source)
-    if ft.pseudo_per_class and max(ft.shots) * C >= len(tr.labels):
-        raise DataError(f"{target.source}: self-training needs unlabelled train images, but k={max(ft.shots)} uses all "
-                        f"{len(tr.labels)}; lower finetune.shots or set finetune.pseudo_per_class=0")
+    if ft.pseudo_per_class and (0 in ft.shots or max(ft.shots) * C >= len(tr.labels)):
+        raise DataError(f"{target.source}: self-training needs unlabelled train images, but k="
+                        f"{'all' if 0 in ft.shots else max(ft.shots)} uses all {len(tr.labels)}; lower finetune.shots "
+                        f"or set finetune.pseudo_per_class=0")
     return n_val
 
 

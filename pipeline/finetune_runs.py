@@ -12,34 +12,44 @@ import pandas as pd
 import torch
 
 from .backbone import create_backbone, load_checkpoint
-from .config import FinetuneConfig, PipelineConfig, parse_arm, replica_name
+from .config import ConfigError, FinetuneConfig, PipelineConfig, mlflow_key, parse_arm, replica_name
 from .finetune import Arm, Job, JobResult, TargetInputs
 from .metrics import classification_metrics
 from .predict import PREPROCESS_FILE, preprocess_spec
 from .tracking import download, main_client, process_tags
 
 
-def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict]:
-    """Arm name -> its initial weights and replica number, from the upstream backbone and meta runs (and
-    `finetune.meta_from_runs`), and the backbone checkpoint."""
-    backbone = load_checkpoint(download(inputs["backbone"]["checkpoint_uri"]))
+def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict[str, dict]]:
+    """Arm name -> its initial weights, replica number and model, from the upstream backbone and meta runs (and
+    `finetune.meta_from_runs`); and each backbone checkpoint the arms use, by timm model name."""
+    up = inputs["backbone"]
+    backbones = {cfg.backbone.model: load_checkpoint(download(up["checkpoint_uri"]))}
     meta = None
     arms: dict[str, Arm] = {}
     for spec in cfg.finetune.arms:
-        kind, rep = parse_arm(spec)
+        kind, rep, model = parse_arm(spec)
+        if model and model not in backbones:
+            if f"checkpoint_uri.{model}" not in up:
+                raise ConfigError(f"config key 'finetune.arms' names {spec!r}, but backbone run {up['run_id']} did "
+                                  f"not build {model}; run the backbone stage with this config (it builds every "
+                                  f"model the arms name)")
+            backbones[model] = load_checkpoint(download(up[f"checkpoint_uri.{model}"]))
+        body = model or cfg.backbone.model
         if kind == "scratch":
             name, ckpt = "scratch", None
         elif kind == "transfer":
-            name, ckpt = "transfer", backbone
+            name, ckpt = "transfer", backbones[body]
         else:
             meta = meta or load_checkpoint(download(inputs["meta"]["checkpoint_uri"]))
             name, ckpt = f"meta-{inputs['meta'].get('algorithm', 'meta')}", meta
-        arms[replica_name(name, rep)] = Arm(ckpt, rep)
+        arms[replica_name(f"{name}@{model}" if model else name, rep)] = Arm(ckpt, rep, body)
     for rid in cfg.finetune.meta_from_runs:
         run = mlflow.get_run(rid)
         name = f"meta-{run.data.tags.get('algorithm', rid[:8])}-{rid[:6]}"
-        arms[name] = Arm(load_checkpoint(download(f"{run.info.artifact_uri}/checkpoint/model.pt")))
-    return arms, backbone
+        ckpt = load_checkpoint(download(f"{run.info.artifact_uri}/checkpoint/model.pt"))
+        backbones.setdefault(ckpt["model_name"], ckpt)  # its preprocessing: the body's own
+        arms[name] = Arm(ckpt, 0, ckpt["model_name"])
+    return arms, backbones
 
 
 JOB_FILE = "job.json"  # a job run's index entry, logged last: a FINISHED job run holding it is complete
@@ -118,11 +128,10 @@ def log_model(model: torch.nn.Module, spec: dict, example: np.ndarray, work: Pat
 class JobLogger:
     """Logs finished jobs into their nested runs (rank 0 only) and collects the stage's prediction index."""
 
-    def __init__(self, data: TargetInputs, ft: FinetuneConfig, arms: dict[str, Arm], out_dir: Path):
-        self.data, self.ft, self.arms, self.out_dir = data, ft, arms, out_dir
-        self.spec = preprocess_spec(data.size, data.dinfo["mean"], data.dinfo["std"], data.target.class_names,
-                                    data.model_name, tta=ft.tta)
-        self.example = data.eval_t(data.split("test").images[0])[None].numpy()
+    def __init__(self, inputs: dict[str, TargetInputs], ft: FinetuneConfig, arms: dict[str, Arm], out_dir: Path):
+        """`inputs`: each model's shared inputs (`prepare_inputs`), by timm model name; an arm's are `arm.model`'s."""
+        self.inputs, self.ft, self.arms, self.out_dir = inputs, ft, arms, out_dir
+        self.data = next(iter(inputs.values()))  # the splits and labels every model shares
         self.val_dir = out_dir.parent / "val_predictions"  # the whole validation split, for choosing candidates
         self.val_dir.mkdir(exist_ok=True)
         self.index: list[dict] = []
@@ -133,7 +142,8 @@ class JobLogger:
         if not live:
             for e, rec in enumerate(res.history):
                 log_epoch(e, rec)
-        mlflow.log_params({"arm": job.arm, "k": job.k, "seed": job.seed, "replica": self.arms[job.arm].replica,
+        mlflow.log_params({"arm": job.arm, "model": self.arms[job.arm].model, "k": job.k, "seed": job.seed,
+                           "replica": self.arms[job.arm].replica,
                            "n_train": res.n_train, "n_val": res.n_val, "epochs": ft.epochs, "lr_body": ft.lr_body,
                            "lr_head": ft.lr_head, "warmup_epochs": ft.warmup_epochs, "image_size": self.data.size,
                            "hflip": ft.hflip, "tta": ft.tta, "label_smoothing": ft.label_smoothing,
@@ -150,10 +160,14 @@ class JobLogger:
         mlflow.log_artifact(str(self.out_dir / fname), "predictions")
         mlflow.log_artifact(str(self.val_dir / fname), "val_predictions")
         model_uri = ""
-        if ft.log_models:
-            model, _, _ = create_backbone(self.data.model_name, num_classes=self.data.n_classes, weights="none")
+        if ft.log_models:  # with the preprocessing of the arm's own model
+            data = self.inputs[self.arms[job.arm].model]
+            spec = preprocess_spec(data.size, data.dinfo["mean"], data.dinfo["std"], data.target.class_names,
+                                   data.model_name, tta=ft.tta)
+            model, _, _ = create_backbone(data.model_name, num_classes=data.n_classes, weights="none")
             model.load_state_dict(res.state)
-            model_uri = log_model(model, self.spec, self.example, self.out_dir.parent)
+            example = data.eval_t(data.split("test").images[0])[None].numpy()
+            model_uri = log_model(model, spec, example, self.out_dir.parent)
         entry = {"arm": job.arm, "k": job.k, "seed": job.seed, "file": fname, "run_id": mlflow.active_run().info.run_id,
                  "best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc, "test_auc": test["auc"],
                  "model_uri": model_uri}
@@ -188,10 +202,11 @@ def register_best(index: list[dict], registry: str) -> dict[str, str]:
                    default=None)
         if best is None:
             continue
-        mv = mlflow.register_model(best["model_uri"], f"{registry}-{arm}")
+        mv = mlflow.register_model(best["model_uri"], f"{registry}-{mlflow_key(arm)}")
         for key in ("k", "seed", "best_val_auc", "test_auc", "run_id"):
             client.set_model_version_tag(mv.name, mv.version, key, str(best[key]))
-        out[arm] = f"models:/{mv.name}/{mv.version}"
-        print(f"[finetune] registered {out[arm]} (k={best['k']}, seed={best['seed']}, "
+        client.set_model_version_tag(mv.name, mv.version, "arm", arm)
+        out[mlflow_key(arm)] = f"models:/{mv.name}/{mv.version}"
+        print(f"[finetune] registered {out[mlflow_key(arm)]} (k={best['k']}, seed={best['seed']}, "
               f"val AUC {best['best_val_auc']:.3f})", flush=True)
     return out

@@ -17,7 +17,7 @@ import torch
 
 from . import distributed
 from .device import resolve_device
-from .config import PipelineConfig, parse_arm, parse_merge_run, speed_only_keys
+from .config import PipelineConfig, backbone_models, parse_arm, parse_merge_run, speed_only_keys
 from .preflight import check_inputs
 from .scratch import clean_scratch
 from .tracking import (close_dead_runs, code_version, find_finished_run, git_commit, log_config, main_client,
@@ -73,7 +73,19 @@ def stage_key(stage: str, cfg: PipelineConfig, upstream_ids: dict[str, str], cod
         (d[section] if section else d).pop(name, None)
     payload = {"stage": stage, "config": {s: d[s] for s in SECTIONS[stage]}, "code": code,
                "upstream": dict(sorted(upstream_ids.items()))}
+    if stage == "backbone" and len(backbone_models(cfg)) > 1:  # the other bodies the arms name
+        payload["models"] = backbone_models(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def upstream_ids(stage: str, inputs: dict[str, dict[str, str]]) -> dict[str, str]:
+    """What a stage's key takes of each upstream run: its run id, except that meta-training depends on the weights
+    of `backbone.model` alone (their sha256), so adding an arm on another backbone does not redo meta-training."""
+    out = {}
+    for up, o in inputs.items():
+        sha = o.get("checkpoint_sha256") if (stage, up) == ("meta", "backbone") else None
+        out[up] = f"sha256:{sha}" if sha else o["run_id"]
+    return out
 
 
 def load_stage_run(rid: str, stage: str, named_by: str) -> dict[str, str]:
@@ -103,7 +115,7 @@ class Runner:
         if stage in self.outputs:
             return self.outputs[stage]
         ups = {u: self.resolve(stage, u) for u in upstream_of(stage, self.cfg)}
-        key = stage_key(stage, self.cfg, {u: o["run_id"] for u, o in ups.items()}, self.code)
+        key = stage_key(stage, self.cfg, upstream_ids(stage, ups), self.code)
         run = find_finished_run(self.exp_id, stage, key)
         if run is None:
             raise PipelineError(
@@ -147,7 +159,7 @@ class Runner:
 
     def _run_stage(self, stage: str, tags: dict[str, str], nested: bool, parent_id: str | None) -> None:
         inputs: dict[str, Any] = {u: self.resolve(stage, u) for u in upstream_of(stage, self.cfg)}
-        key = stage_key(stage, self.cfg, {u: o["run_id"] for u, o in inputs.items()}, self.code)
+        key = stage_key(stage, self.cfg, upstream_ids(stage, inputs), self.code)
         if not self.force:
             prev = find_finished_run(self.exp_id, stage, key) if distributed.is_main() else None
             if stage not in MAIN_ONLY:  # every rank reuses, or none (rank 0 alone runs the others)

@@ -93,7 +93,8 @@ def register_best(res: dict, index: dict, val_dir: Path, registry: str, work: Pa
         mv = mlflow.register_model(uri, f"{registry}-best")
         test_auc = res["chosen"][key]["auc"][0]
         seed_auc = next(r["auc"] for r in res["rows"] if (r["arm"], r["k"], r["seed"]) == (cand, k, seed))
-        tags = {"k": k, "candidate": cand, "seed": seed, "selection_metric": sel["metric"],
+        tags = {"k": k, "candidate": cand, "members": "+".join(serving["members"]), "seed": seed,
+                "selection_metric": sel["metric"],
                 "validation_score": f"{scores[seed]:.6f}", "threshold": serving["threshold"], "rule": serving["rule"],
                 "test_auc_mean_over_seeds": f"{test_auc:.6f}",
                 "test_auc": f"{seed_auc:.6f}"}

@@ -26,12 +26,14 @@ def split_classes(pool: list[LabeledData], val_fraction: float, seed: int) -> tu
 
 @dataclass
 class Episodes:
-    """Stacked meta-batch: support (T, N*K, C, H, W), labels (T, N*K), query (T, N*Q, ...), labels (T, N*Q)."""
+    """Stacked meta-batch: support (T, N*K, C, H, W), labels (T, N*K), query (T, N*Q, ...), labels (T, N*Q), and
+    `classes` (T, N): the pool-wide class number of each task's label 0..N-1 (what `multitask` trains on)."""
 
     xs: torch.Tensor
     ys: torch.Tensor
     xq: torch.Tensor
     yq: torch.Tensor
+    classes: torch.Tensor | None = None
 
     def to(self, device: torch.device, channels_last: bool = False) -> "Episodes":
         """On `device`; with `channels_last` each task's image stack (xs[t], xq[t]) is NHWC in memory."""
@@ -39,7 +41,8 @@ class Episodes:
             x = x.to(device, non_blocking=True)
             return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if channels_last else x
         return Episodes(images(self.xs), self.ys.to(device, non_blocking=True), images(self.xq),
-                        self.yq.to(device, non_blocking=True))
+                        self.yq.to(device, non_blocking=True),
+                        None if self.classes is None else self.classes.to(device, non_blocking=True))
 
 
 class EpisodeSampler:
@@ -69,6 +72,7 @@ class EpisodeSampler:
             self.groups = [sorted(v) for v in by_set.values() if len(v) >= ways]
         else:
             self.groups = [sorted(self.index)] if len(self.index) >= ways else []
+        self.class_ids = {ref: i for i, ref in enumerate(sorted(self.index))}  # pool-wide class numbers
         if not self.groups:
             names = [d.name for d in pool]
             raise DataError(
@@ -79,7 +83,16 @@ class EpisodeSampler:
         sets = sorted({self.pool[d].name for g in self.groups for d, _ in g})
         return f"{len(self.index)} classes usable from {sets} ({self.split} split, mode={self.mode})"
 
+    @property
+    def n_classes(self) -> int:
+        """Classes of the pool this sampler draws from (the size of a head over all of them)."""
+        return len(self.index)
+
     def episode(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Support images, labels, query images, labels of episode `index`."""
+        return self._episode(index)[:4]
+
+    def _episode(self, index: int) -> tuple[torch.Tensor, ...]:
         rng = np.random.default_rng([self.seed, index])
         group = self.groups[rng.integers(len(self.groups))]
         chosen = [group[i] for i in rng.choice(len(group), self.ways, replace=False)]
@@ -93,9 +106,10 @@ class EpisodeSampler:
             xq += ims[self.shots:]
             ys += [label] * self.shots
             yq += [label] * self.queries
-        return torch.stack(xs), torch.tensor(ys), torch.stack(xq), torch.tensor(yq)
+        return (torch.stack(xs), torch.tensor(ys), torch.stack(xq), torch.tensor(yq),
+                torch.tensor([self.class_ids[ref] for ref in chosen]))
 
     def batch(self, first_index: int, n_tasks: int, share: range | None = None) -> Episodes:
         """Episodes first_index .. first_index+n_tasks-1, or only those at positions `share` of them."""
-        eps = [self.episode(first_index + t) for t in (share if share is not None else range(n_tasks))]
-        return Episodes(*(torch.stack([e[j] for e in eps]) for j in range(4)))
+        eps = [self._episode(first_index + t) for t in (share if share is not None else range(n_tasks))]
+        return Episodes(*(torch.stack([e[j] for e in eps]) for j in range(5)))

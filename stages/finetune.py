@@ -28,10 +28,10 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     cl = use_channels_last(cfg.channels_last, dev)
     mlflow.set_tags({"device": device_name(dev), "channels_last": str(cl), "compile": str(cfg.compile)})
     target = load_target(cfg)
-    arms, backbone = load_arms(cfg, inputs)
-    data = prepare_inputs(cfg, target, backbone, num_workers=cfg.num_workers)
+    arms, backbones = load_arms(cfg, inputs)
+    data = {m: prepare_inputs(cfg, target, ckpt, num_workers=cfg.num_workers) for m, ckpt in backbones.items()}
     mlflow.log_params({"target.classes": json.dumps(target.class_names), "target.source": target.source,
-                       "target.n_test": len(data.split("test"))})
+                       "target.n_test": len(target.splits["test"])})
     out_dir = scratch_dir("finetune-") / "predictions"
     out_dir.mkdir()
     logger = JobLogger(data, ft, arms, out_dir)
@@ -44,8 +44,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     if world > 1:  # each rank trains its share; rank 0 receives the results and logs every run, in job order
         mine = distributed.shard([job for job in jobs if job not in done])
         print(f"[finetune] rank {rank}/{world} on {dev}: {len(mine)} of {len(jobs)} runs", flush=True)
-        results = {job: replace(train_job(data, ft, job, arms[job.arm], cfg.seed, **speed), model=None)
-                   for job in mine}
+        results = {job: replace(train_job(data[arms[job.arm].model], ft, job, arms[job.arm], cfg.seed, **speed),
+                                    model=None) for job in mine}
         gathered = distributed.gather_to_main(results)
         if gathered is None:
             return {}
@@ -54,11 +54,12 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
         if job in done:
             logger.keep(job, done[job])
             continue
-        with job_run(job, data.model_name, target.name, key):
+        arm = arms[job.arm]
+        with job_run(job, arm.model, target.name, key):
             if job in results:
                 logger.log(results[job], live=False)
             else:
-                logger.log(train_job(data, ft, job, arms[job.arm], cfg.seed, on_epoch=log_epoch, **speed), live=True)
+                logger.log(train_job(data[arm.model], ft, job, arm, cfg.seed, on_epoch=log_epoch, **speed), live=True)
     logger.write_index()
     mlflow.log_metric("finetune_seconds", time.time() - t_start)
     out = {"predictions_uri": mlflow.get_artifact_uri("predictions"),

@@ -13,7 +13,7 @@ def test_default_yaml_is_the_builtin_default():
     assert yaml.safe_load((REPO / "configs/default.yaml").read_text()) == PipelineConfig().to_dict()
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "gpu", "selftrain", "medmnist", "cpu_results"])
+@pytest.mark.parametrize("name", ["default", "smoke", "gpu", "selftrain", "medmnist", "cpu_results", "best"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert isinstance(cfg, PipelineConfig)
@@ -76,8 +76,43 @@ def test_parse_override_nesting_and_hash_changes():
 def test_replica_arms_and_named_ensembles_parse():
     cfg = load_config(None, ["finetune.arms=[transfer,transfer.r1,meta.r2]",
                              "evaluate.ensembles=[ensemble-2transfer=transfer+transfer.r1]"])
-    assert [parse_arm(a) for a in cfg.finetune.arms] == [("transfer", 0), ("transfer", 1), ("meta", 2)]
+    assert [parse_arm(a) for a in cfg.finetune.arms] == [("transfer", 0, ""), ("transfer", 1, ""), ("meta", 2, "")]
     assert parse_ensemble(cfg.evaluate.ensembles[0]) == ("ensemble-2transfer", ["transfer", "transfer.r1"])
+
+
+def test_arms_on_other_backbones_parse_and_name_every_model_once():
+    from pipeline.config import backbone_models
+    cfg = load_config(None, ["finetune.arms=[transfer,transfer@tf_efficientnet_lite2,scratch@resnet50.a1_in1k.r1,"
+                             "transfer@tf_efficientnet_lite2.r1,meta]"])
+    assert [parse_arm(a) for a in cfg.finetune.arms] == [
+        ("transfer", 0, ""), ("transfer", 0, "tf_efficientnet_lite2"), ("scratch", 1, "resnet50.a1_in1k"),
+        ("transfer", 1, "tf_efficientnet_lite2"), ("meta", 0, "")]
+    assert backbone_models(cfg) == ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "resnet50.a1_in1k"]
+
+
+@pytest.mark.parametrize("arm,says", [("transfer@tf_efficientnet_lite0", "write 'transfer'"),
+                                      ("meta@tf_efficientnet_lite2", "finetune.meta_from_runs"),
+                                      ("transfer@", "unknown arm"), ("transfer@lite2.r0", "unknown arm")])
+def test_bad_backbone_arms_are_clear_errors(arm, says):
+    with pytest.raises(ConfigError, match="finetune.arms") as e:
+        load_config(None, [f"finetune.arms=[{arm}]"])
+    assert says in str(e.value)
+
+
+def test_another_backbone_arm_rebuilds_the_backbone_run_but_not_meta_training():
+    """The backbone stage's key names every model it builds; meta's key takes the primary body's weights (sha256),
+    so adding `transfer@<model>` (a new backbone run) leaves a finished meta run reusable."""
+    from pipeline.orchestrate import stage_key, upstream_ids
+    base = load_config(None, [])
+    more = load_config(None, ["finetune.arms=[transfer,transfer@tf_efficientnet_lite2,meta]"])
+    assert stage_key("backbone", base, {}, "c") != stage_key("backbone", more, {}, "c")
+    fewer = load_config(None, ["finetune.arms=[transfer]"])
+    assert stage_key("backbone", base, {}, "c") == stage_key("backbone", fewer, {}, "c")
+    run_a = {"run_id": "a", "checkpoint_sha256": "f00"}
+    run_b = {"run_id": "b", "checkpoint_sha256": "f00"}
+    assert upstream_ids("meta", {"backbone": run_a}) == upstream_ids("meta", {"backbone": run_b})
+    assert upstream_ids("finetune", {"backbone": run_a}) != upstream_ids("finetune", {"backbone": run_b})
+    assert upstream_ids("meta", {"backbone": {"run_id": "a"}}) == {"backbone": "a"}  # runs from before the sha
 
 
 def test_merge_runs_take_an_optional_tag():
@@ -144,3 +179,17 @@ def test_configuration_reference_is_current_and_documents_every_key():
     assert DOC.read_text() == text, "docs/configuration.md is stale: run `python -m pipeline.config_docs`"
     for key in flatten(PipelineConfig().to_dict()):
         assert f"| `{key}` |" in text, key
+
+
+def test_shots_all_is_every_train_label():
+    """`finetune.shots: [all]` is k=0, the full-label reference: every train index, and no self-training (nothing
+    is left unlabelled)."""
+    import numpy as np
+
+    from pipeline.data import sample_kshot
+    assert load_config(None, ["finetune.shots=[20,all]"]).finetune.shots == [20, 0]
+    assert load_config(None, ["finetune.shots=all"]).finetune.shots == [0]
+    labels = np.array([0, 1, 1, 0, 1, 1, 1])
+    assert sample_kshot(labels, 0, seed=3).tolist() == list(range(7))
+    with pytest.raises(ConfigError, match="finetune.shots"):
+        load_config(None, ["finetune.shots=[all,all]"])

@@ -321,3 +321,45 @@ def test_protonet_step_trains_the_body_only_and_lowers_the_loss():
     la, _ = create_learner(tiny(), "protonet").meta_backward(*task, batched=True)
     lb, _ = create_learner(tiny(), "protonet").meta_backward(*task, batched=False)
     assert abs(la - lb) < 1e-10
+
+
+def test_multitask_is_cross_entropy_of_one_head_over_every_pooled_class():
+    """meta.algorithm=multitask: one head over all source classes; its loss is plain cross-entropy of that head on
+    the pool-wide labels (`classes[t][y]`) of every support and query image, computed here by hand; the N-way head
+    gets no gradient, and steps lower the loss."""
+    learner = create_learner(tiny(), "multitask", source_classes=7).double()
+    xs, ys, xq, yq = make_tasks(T=2)
+    classes = torch.tensor([[4, 0, 6], [2, 5, 1]])  # task t's label j is pool class classes[t, j]
+    with torch.no_grad():
+        learner.pooled_head.weight.normal_(generator=torch.Generator().manual_seed(1))
+    assert learner.pooled_head.out_features == 7
+    loss, acc = learner.meta_backward(xs, ys, xq, yq, classes=classes)
+    x = torch.cat([xs.flatten(0, 1), xq.flatten(0, 1)])
+    y = torch.cat([torch.stack([classes[t][ys[t]] for t in range(2)]).flatten(),
+                   torch.stack([classes[t][yq[t]] for t in range(2)]).flatten()])
+    with batch_stats_only(learner.model):
+        f = learner.model.forward_head(learner.model.forward_features(x), pre_logits=True)
+        by_hand = F.cross_entropy(f @ learner.pooled_head.weight.T + learner.pooled_head.bias, y)
+    assert loss == pytest.approx(by_hand.item(), rel=1e-12)
+    assert learner.model.classifier.weight.grad is None  # the N-way head is not trained
+    with pytest.raises(ValueError, match="classes"):
+        learner.meta_backward(xs, ys, xq, yq)
+    opt = torch.optim.Adam(learner.meta_parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        losses.append(learner.meta_backward(xs, ys, xq, yq, classes=classes)[0])
+        opt.step()
+    assert losses[-1] < losses[0] * 0.8
+
+
+def test_sampler_classes_number_every_pool_class_once():
+    """`Episodes.classes`: a task's labels map to distinct pool-wide classes, the same (set, class) always to the
+    same number, and the numbering covers the sampler's classes (the size of multitask's head)."""
+    from tests.test_tasks import fake_pool, sampler
+    s = sampler(fake_pool(), mode="across")
+    b = s.batch(0, 20)
+    assert s.n_classes == 9 and b.classes.shape == (20, 3)
+    assert all(len(set(row.tolist())) == 3 for row in b.classes)
+    assert set(b.classes.flatten().tolist()) <= set(range(9)) and len(set(b.classes.flatten().tolist())) > 3
+    assert torch.equal(b.xs, torch.stack([s.episode(i)[0] for i in range(20)]))  # the episodes are unchanged

@@ -73,7 +73,8 @@ def test_all_stages_make_parent_and_four_finished_children(smoke):
     # one nested run per (arm, k, seed) under the finetune stage
     ft = [r for r in rs if r.data.tags.get("mlflow.parentRunId") == children["finetune"].info.run_id]
     names = {r.info.run_name for r in ft}
-    assert names == {f"finetune/{a}/k{k}/seed{s}" for a in ("scratch", "transfer", "meta-reptile")
+    assert names == {f"finetune/{a}/k{k}/seed{s}" for a in ("scratch", "transfer", "meta-reptile",
+                                                            "transfer@tf_efficientnet_lite2")
                      for k in (5, 20) for s in (0, 1)}
     assert "val_auc" in ft[0].data.metrics and "test_auc" in ft[0].data.metrics
     # summary metrics on the parent, lined up for the compare view
@@ -93,12 +94,12 @@ def test_evaluate_artifacts_and_metrics_recompute_from_predictions(smoke):
     for f in ("results.json", "report.md", "auc_vs_k.png", "roc_curves.png", "confusion_matrices.png"):
         assert (d / f).is_file(), f
     res = json.loads((d / "results.json").read_text())
-    assert len(res["rows"]) == 16  # 3 arms x 2 k x 2 seeds, plus the ensemble of transfer and meta-reptile
-    assert res["arms"] == ["scratch", "transfer", "meta-reptile", "ensemble"]
+    assert len(res["rows"]) == 20  # 4 arms x 2 k x 2 seeds, plus the ensemble of the three pretrained arms
+    assert res["arms"] == ["scratch", "transfer", "meta-reptile", "transfer@tf_efficientnet_lite2", "ensemble"]
     for k, s in [(5, 0), (5, 1), (20, 0), (20, 1)]:  # the ensemble is the mean of its members' probabilities
-        ens, tr, me = (pd.read_csv(d / "predictions" / f"{a}_k{k}_seed{s}.csv")
-                       for a in ("ensemble", "transfer", "meta-reptile"))
-        np.testing.assert_allclose(ens.prob_1, (tr.prob_1 + me.prob_1) / 2, rtol=1e-6)
+        ens, tr, me, l2 = (pd.read_csv(d / "predictions" / f"{a}_k{k}_seed{s}.csv")
+                           for a in ("ensemble", "transfer", "meta-reptile", "transfer@tf_efficientnet_lite2"))
+        np.testing.assert_allclose(ens.prob_1, (tr.prob_1 + me.prob_1 + l2.prob_1) / 3, rtol=1e-6)
         assert ens.label.equals(tr.label)
     for row in res["rows"]:
         csv = d / "predictions" / f"{row['arm']}_k{row['k']}_seed{row['seed']}.csv"
@@ -169,8 +170,9 @@ def test_replica_arm_merged_run_and_named_ensemble(smoke):
     mlflow.set_tracking_uri(smoke["uri"])
     d = Path(mlflow.artifacts.download_artifacts(run_id=ev.info.run_id, dst_path=str(smoke["dir"] / "ev-replica")))
     res = json.loads((d / "results.json").read_text())
-    assert res["arms"] == ["transfer.r1", "scratch", "transfer", "meta-reptile", "again.scratch", "again.transfer",
-                           "again.meta-reptile", "ensemble", "two-transfer"]
+    assert res["arms"] == ["transfer.r1", "scratch", "transfer", "meta-reptile", "transfer@tf_efficientnet_lite2",
+                           "again.scratch", "again.transfer", "again.meta-reptile",
+                           "again.transfer@tf_efficientnet_lite2", "ensemble", "two-transfer"]
     pd.testing.assert_frame_equal(pd.read_csv(d / "predictions" / "again.transfer_k20_seed0.csv"),
                                   pd.read_csv(d / "predictions" / "transfer_k20_seed0.csv"))
     p = {a: pd.read_csv(d / "predictions" / f"{a}_k5_seed1.csv") for a in ("transfer", "transfer.r1", "two-transfer")}
@@ -372,7 +374,9 @@ def test_finetune_killed_by_sigkill_keeps_finished_jobs_and_ends_as_uninterrupte
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "finetune,evaluate", *FT, *root],
                             cwd=b, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and len(list(b.glob("**/job.json"))) < 3:
+    # job.json is a job's last artifact, logged just before its run ends; jobs run one after another, so once the
+    # fourth job.json exists at least three job runs have ended.
+    while time.time() < deadline and proc.poll() is None and len(list(b.glob("**/job.json"))) < 4:
         time.sleep(0.05)
     assert proc.poll() is None, "finetune finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
@@ -604,7 +608,28 @@ def test_best_model_is_registered_and_predict_reproduces_it(smoke, tmp_path):
     ev2 = max((r for r in runs(smoke["uri"], "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") ==
                "evaluate"), key=lambda r: r.info.start_time)
     tags = check_best_model(ev2.data.tags["out.model.best_k20"], smoke["uri"], tmp_path / "ens", smoke["root"])
-    assert tags["candidate"] == "ensemble"
+    assert tags["candidate"] == "ensemble"  # members on two backbones, each with its own preprocessing
+    assert tags["members"] == "transfer+meta-reptile+transfer@tf_efficientnet_lite2"
+
+
+def test_arms_on_two_backbones_in_one_run(smoke):
+    """smoke.yaml's `transfer@tf_efficientnet_lite2`: the backbone run builds both bodies, the arm trains on Lite2
+    with the same paired subsets as the Lite0 arms, and the evaluate run scores it under an MLflow-safe key."""
+    rs = runs(smoke["uri"], "fewshot-medmeta-smoke")
+    by = {r.data.tags.get("pipeline.stage"): r for r in rs}
+    bb = by["backbone"].data
+    assert bb.tags["out.checkpoint_uri.tf_efficientnet_lite2"].endswith("checkpoint/tf_efficientnet_lite2/model.pt")
+    assert bb.params["backbone_info.tf_efficientnet_lite2.num_params"] != bb.params["backbone_info.num_params"]
+    jobs = [r for r in rs if r.data.tags.get("pipeline.stage") == "finetune-run"]
+    lite2 = [r for r in jobs if r.data.params["arm"] == "transfer@tf_efficientnet_lite2"]
+    assert len(lite2) == 4 and {r.data.params["model"] for r in lite2} == {"tf_efficientnet_lite2"}
+    assert {r.data.tags["backbone"] for r in lite2} == {"tf_efficientnet_lite2"}
+    assert {r.data.params["model"] for r in jobs if r.data.params["arm"] == "transfer"} == {"tf_efficientnet_lite0"}
+    assert "auc_k20_transfer.tf_efficientnet_lite2" in by["evaluate"].data.metrics
+    mlflow.set_tracking_uri(smoke["uri"])
+    sel = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=by["evaluate"].info.run_id,
+                                                              artifact_path="selection.json")).read_text())
+    assert "transfer@tf_efficientnet_lite2" in sel["k20"]["scores"]
 
 
 def _free_port():
@@ -743,3 +768,31 @@ def test_protonet_meta_arm_with_a_prototype_head_end_to_end(tmp_path, real_data)
     ft = next(r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "finetune")
     assert ft.data.params["finetune.head_init"] == "prototype"
     assert all(0.0 <= r.data.metrics["test_auc"] <= 1.0 for r in jobs.values())
+
+
+def test_multitask_control_becomes_an_arm_and_never_reads_the_target(tmp_path, real_data):
+    """meta.algorithm=multitask end to end at smoke size: one head over every meta-train source class (the
+    sampler's classes, none of them the target's), saved like a meta checkpoint, fine-tuned as arm meta-multitask."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = cli(["run", "--stage", "backbone,meta,finetune", "--config", SMOKE, "--set", f"data.root={real_data}",
+             "--set", "meta.algorithm=multitask", "--set", "finetune.arms=[meta]", "--set", "finetune.shots=[5]",
+             "--set", "finetune.seeds=1"], tmp_path, uri)
+    assert "[meta] multitask:" in p.stdout
+    rs = runs(uri, "fewshot-medmeta-smoke")
+    meta = next(r for r in rs if r.data.tags.get("pipeline.stage") == "meta")
+    assert {"meta_val_start_acc", "meta_val_best_acc", "meta_train_loss"} <= set(meta.data.metrics)
+    mlflow.set_tracking_uri(uri)
+    tasks = Path(mlflow.artifacts.download_artifacts(run_id=meta.info.run_id, artifact_path="tasks.txt")).read_text()
+    assert "kermany" not in tasks and "pneumonia" not in tasks  # the source pool only
+    state = torch.load(mlflow.artifacts.download_artifacts(run_id=meta.info.run_id, artifact_path="state/last.pt"),
+                       weights_only=False)["learner"]
+    from pipeline.config import load_config
+    from pipeline.data import load_sources
+    cfg = load_config(SMOKE, [f"data.root={real_data}"])
+    n_classes = sum(len(d.class_names) for d in load_sources(cfg))  # every class has enough images here
+    assert state["pooled_head.weight"].shape[0] == n_classes and torch.count_nonzero(state["pooled_head.weight"])
+    ckpt = torch.load(mlflow.artifacts.download_artifacts(run_id=meta.info.run_id, artifact_path="checkpoint/model.pt"),
+                      weights_only=False)
+    assert ckpt["meta_algorithm"] == "multitask" and not any(k.startswith("pooled_head") for k in ckpt["state_dict"])
+    jobs = [r for r in rs if r.data.tags.get("pipeline.stage") == "finetune-run"]
+    assert {r.data.tags["arm"] for r in jobs} == {"meta-multitask"} and all(r.info.status == "FINISHED" for r in jobs)

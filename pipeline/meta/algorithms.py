@@ -121,10 +121,11 @@ class MetaLearner(nn.Module):
         """Whether `meta_backward` differentiates autograd's own backward through the whole network."""
         return False
 
-    def meta_backward(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool = True
-                      ) -> tuple[float, float]:
+    def meta_backward(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool = True,
+                      classes: Tensor | None = None) -> tuple[float, float]:
         """Accumulate the meta-gradient of a meta-batch (tasks on dim 0) into `.grad`; return loss, accuracy.
-        `batched`: all tasks at once under `vmap` (with the exact composite BatchNorm); else one task at a time."""
+        `batched`: all tasks at once under `vmap` (with the exact composite BatchNorm); else one task at a time.
+        `classes` (T, N): the pool-wide class of each task label (`Episodes.classes`; only `Multitask` reads it)."""
         with ExitStack() as stack:
             stack.enter_context(batch_stats_only(self.model, composite_bn=batched))
             if self._autograd_second_order(batched) and self.fast_depthwise:
@@ -355,6 +356,40 @@ class ProtoNet(MetaLearner):
         return self._backward_task_losses(params, xs, ys, xq, yq, batched)
 
 
+class Multitask(MetaLearner):
+    """The supervised control (no "meta"): the body with one head over every source class pooled, trained by plain
+    cross-entropy on the pool-wide labels of each meta-batch's images (support and query: the images a meta run
+    sees per step). Meta-validation adapts it like every other learner (the inner loop on the N-way head), so its
+    accuracy is comparable; the pooled head is training scaffolding and is not saved with the body."""
+
+    name = "multitask"
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
+                 unroll: bool = False, compile: bool = False, source_classes: int = 2):
+        super().__init__(model, inner_lr, inner_steps, head, unroll, compile)
+        self._features = _Features(model)
+        n_features = getattr(model, "num_features", None) or model.get_classifier().in_features
+        self.pooled_head = nn.Linear(n_features, source_classes)
+        nn.init.zeros_(self.pooled_head.weight)  # as the meta head: no random-head gradients into the body
+        nn.init.zeros_(self.pooled_head.bias)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        body = [p for n, p in self.model.named_parameters() if not n.startswith(self.head)]
+        return body + list(self.pooled_head.parameters())
+
+    def meta_backward(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool = True,
+                      classes: Tensor | None = None) -> tuple[float, float]:
+        if classes is None:
+            raise ValueError("multitask needs each task's pool-wide classes (Episodes.classes)")
+        x = torch.cat([xs.flatten(0, 1), xq.flatten(0, 1)])
+        y = torch.cat([classes.gather(1, ys).flatten(), classes.gather(1, yq).flatten()])
+        with batch_stats_only(self.model, composite_bn=False):  # running statistics: recalibrated at the end
+            out = self.pooled_head(self._features(x))
+        loss = F.cross_entropy(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, y)
+        loss.backward()
+        return loss.item(), (out.argmax(-1) == y).float().mean().item()
+
+
 # meta.algorithm -> how to build it; the config accepts exactly these names
 ALGORITHMS: dict[str, Callable[..., MetaLearner]] = {
     "maml": MAML,
@@ -363,13 +398,17 @@ ALGORITHMS: dict[str, Callable[..., MetaLearner]] = {
     "reptile": Reptile,
     "metasgd": MetaSGD,
     "protonet": ProtoNet,
+    "multitask": Multitask,
 }
 
 
 def create_learner(model: nn.Module, algorithm: str, inner_lr: float = 0.01, inner_steps: int = 5,
-                   head: str = "classifier", unroll: bool = False, compile: bool = False) -> MetaLearner:
-    """The `MetaLearner` of `algorithm` (a key of `ALGORITHMS`) around `model`."""
+                   head: str = "classifier", unroll: bool = False, compile: bool = False,
+                   source_classes: int = 0) -> MetaLearner:
+    """The `MetaLearner` of `algorithm` (a key of `ALGORITHMS`) around `model`; `source_classes`: the meta-train
+    pool's class count, the size of `multitask`'s pooled head."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
+    extra = {"source_classes": source_classes} if ALGORITHMS[algorithm] is Multitask else {}
     return ALGORITHMS[algorithm](model, inner_lr=inner_lr, inner_steps=inner_steps, head=head, unroll=unroll,
-                                 compile=compile)
+                                 compile=compile, **extra)

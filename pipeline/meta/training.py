@@ -126,7 +126,7 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
     mlflow.log_text(f"meta-train: {tr.describe()}\nmeta-val: {va.describe()}\n", "tasks.txt")
 
     learner = create_learner(model, m.algorithm, m.inner_lr, m.inner_steps, head=head_prefix(model),
-                             unroll=m.unroll, compile=m.compile).to(dev)
+                             unroll=m.unroll, compile=m.compile, source_classes=tr.n_classes).to(dev)
     cl = use_channels_last(cfg.channels_last, dev, second_order=learner.double_backward(m.batched))
     if cl:
         model.to(memory_format=torch.channels_last)
@@ -162,7 +162,7 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
         opt.zero_grad(set_to_none=True)
         try:
             with autocast(dev):
-                loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=batched)
+                loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=batched, classes=b.classes)
         except RuntimeError as e:
             if not batched or "vmap" not in str(e).lower():
                 raise
@@ -170,7 +170,7 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
             print(f"[meta] vmap not supported by this model ({e}); using the per-task loop", flush=True)
             opt.zero_grad(set_to_none=True)
             with autocast(dev):
-                loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=False)
+                loss, acc = learner.meta_backward(b.xs, b.ys, b.xq, b.yq, batched=False, classes=b.classes)
         if world > 1:  # this rank's mean over its tasks -> its share of the global mean, then sum over ranks
             frac = len(share) / m.meta_batch
             grads = [p.grad for p in learner.meta_parameters() if p.grad is not None]
