@@ -2,7 +2,10 @@
 supervised SGD over the same image passes. One process; prints a table and, last, a RESULT line.
 
     python benchmarks/meta_throughput.py [--device cpu|cuda] [--iters 3] [--model tf_efficientnet_lite0]
-        [--channels-last auto|on|off] [--compile] [--unroll] [--batched] [--only maml,l2l-maml,...]
+        [--channels-last auto|on|off] [--compile auto|on|off] [--unroll] [--batched] [--only maml,l2l-maml,...]
+
+Its defaults are the product's: `--channels-last auto` (`channels_last: auto`) and `--compile auto`, which decides
+as `meta.compile: auto` does for a run of the default config's length (`meta.iterations`).
 
 Episodes are real 5-way tasks from the source pool when PIPELINE_DATA_ROOT (or ../shared/data) holds it.
 Memory: on CUDA, torch's peak allocated bytes; on CPU, the peak rise of the process's resident set above
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
-from pipeline.device import use_channels_last  # noqa: E402
+from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.device import use_channels_last, use_compile  # noqa: E402
 from pipeline.meta import create_learner  # noqa: E402
 
 
@@ -138,7 +142,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batched", action="store_true",
                     help="vmap over the tasks of a meta-batch (meta.batched=true) instead of the default per-task loop")
-    ap.add_argument("--channels-last", default="off", choices=["auto", "on", "off"],
+    ap.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                     help="memory format of models and images. on/off: every method alike; auto: each method as "
                          "the product's rule picks it (pipeline.device.use_channels_last): off only for "
                          "autograd double backward (unrolled or vmapped MAML/Meta-SGD, learn2learn's MAML)")
@@ -150,9 +154,11 @@ def main() -> None:
     ap.add_argument("--unroll", action="store_true",
                     help="MAML/Meta-SGD: backprop through the unrolled inner loop (meta.unroll=true) instead of the "
                          "reverse sweep of Hessian-vector products")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile our per-task functions (meta.compile=true); the untimed warm-up compiles")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="torch.compile our per-task functions, as meta.compile (auto: as for a default-length run); "
+                         "the untimed warm-up compiles")
     args = ap.parse_args()
+    args.compile = use_compile(args.compile, PipelineConfig().meta.iterations, torch.device(args.device))
     if not args.only and not args.same_process:
         return isolated(args)
     dev = torch.device(args.device)

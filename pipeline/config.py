@@ -97,8 +97,9 @@ class MetaConfig:
     batched: bool = field(default=False, metadata=SPEED)
     # MAML/Meta-SGD: backprop through all inner steps' graphs instead of the leaner reverse sweep
     unroll: bool = field(default=False, metadata=SPEED)
-    # torch.compile the per-task gradient/HVP functions: faster MAML after minutes of compiling
-    compile: bool = field(default=False, metadata=SPEED)
+    # torch.compile the per-task gradient/HVP functions: "auto" compiles when meta.iterations is long enough to repay
+    # the first meta-batch's compile time (`pipeline.device.use_compile`) and a compiler is there; "on" or "off"
+    compile: str = field(default="auto", metadata=SPEED)
     augment: bool = False  # augment meta-training task images
     bn_recalibration_batches: int = 20  # source batches that re-estimate BatchNorm statistics before saving
     zero_head: bool = True  # start the N-way head at zero: initial loss log(N), no random-head gradients into the body
@@ -409,6 +410,7 @@ def validate(cfg: PipelineConfig) -> None:
         "meta.task_mode": (cfg.meta.task_mode, {"within", "across"}),
         "backbone.weights": (cfg.backbone.weights, {"imagenet", "none"}),
         "channels_last": (cfg.channels_last, {"auto", "on", "off"}),
+        "meta.compile": (cfg.meta.compile, {"auto", "on", "off"}),
         "finetune.pseudo_augment": (cfg.finetune.pseudo_augment, {"recipe", "strong"}),
         "evaluate.selection_metric": (cfg.evaluate.selection_metric, {"log_loss", "auc"}),
         "finetune.head_init": (cfg.finetune.head_init, {"default", "prototype"}),

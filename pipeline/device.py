@@ -1,6 +1,8 @@
 """Device choice and mixed precision."""
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import nullcontext
 from typing import ContextManager
 
@@ -53,6 +55,23 @@ def use_channels_last(setting: str, dev: torch.device, second_order: bool = Fals
     if setting != "auto":
         return setting == "on"
     return dev.type == "cuda" or not second_order
+
+
+# Meta iterations from which compiling pays: the first meta-batch compiles for 10-140 s, after which each iteration
+# runs 1-12 s faster on the 2-core CPU (reptile to second-order MAML; docs/benchmarks.md), so by 50 iterations
+# compiling has paid for itself for every algorithm that uses it.
+COMPILE_PAYS_AFTER = 50
+
+
+def use_compile(setting: str, iterations: int, dev: torch.device) -> bool:
+    """'auto' (`meta.compile`): compile on CPU when the run has at least `COMPILE_PAYS_AFTER` iterations and a C++
+    compiler is installed (inductor needs one). Not on GPUs: compiled meta-learning has not been measured on one
+    yet (docs/gpu.md), so there 'on' asks for it. 'on'/'off' as said."""
+    if setting != "auto":
+        return setting == "on"
+    if iterations < COMPILE_PAYS_AFTER or dev.type != "cpu":
+        return False
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -193,3 +193,26 @@ def test_shots_all_is_every_train_label():
     assert sample_kshot(labels, 0, seed=3).tolist() == list(range(7))
     with pytest.raises(ConfigError, match="finetune.shots"):
         load_config(None, ["finetune.shots=[all,all]"])
+
+
+def test_meta_compile_auto_compiles_long_cpu_runs_when_a_compiler_is_there(tmp_path, monkeypatch):
+    """`meta.compile: auto`: on for CPU runs of >= 50 iterations with a C++ compiler on PATH, off for short runs, on
+    GPUs (not measured there) and without a compiler; on/off (and YAML true/false) as said."""
+    import torch
+
+    from pipeline.device import use_compile
+    cpu = torch.device("cpu")
+    assert load_config(None, ["meta.compile=true"]).meta.compile == "on"
+    assert load_config(None, []).meta.compile == "auto"
+    with pytest.raises(ConfigError, match="meta.compile"):
+        load_config(None, ["meta.compile=fast"])
+    assert use_compile("on", 1, cpu) and not use_compile("off", 10**6, cpu)
+    assert not use_compile("auto", 300, torch.device("cuda"))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(fake))  # no compiler anywhere on PATH
+    assert not use_compile("auto", 300, cpu)
+    (fake / "c++").write_text("#!/bin/sh\n")
+    (fake / "c++").chmod(0o755)
+    assert use_compile("auto", 300, cpu) and use_compile("auto", 50, cpu) and not use_compile("auto", 49, cpu)

@@ -21,7 +21,7 @@ from .. import distributed
 from ..backbone import build_from_checkpoint, head_prefix, resolve_data_info, zero_head
 from ..config import MetaConfig, PipelineConfig
 from ..data import load_sources
-from ..device import autocast, use_channels_last
+from ..device import autocast, use_channels_last, use_compile
 from ..tasks import EpisodeSampler, split_classes
 from ..tracking import download, main_client
 from ..transforms import build_transform
@@ -125,8 +125,10 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
           + (f"; rank {rank}/{world} takes tasks {list(share)} of each meta-batch" if world > 1 else ""), flush=True)
     mlflow.log_text(f"meta-train: {tr.describe()}\nmeta-val: {va.describe()}\n", "tasks.txt")
 
+    compiled = use_compile(m.compile, m.iterations, dev)
+    mlflow.set_tag("meta.compiled", str(compiled))
     learner = create_learner(model, m.algorithm, m.inner_lr, m.inner_steps, head=head_prefix(model),
-                             unroll=m.unroll, compile=m.compile, source_classes=tr.n_classes).to(dev)
+                             unroll=m.unroll, compile=compiled, source_classes=tr.n_classes).to(dev)
     cl = use_channels_last(cfg.channels_last, dev, second_order=learner.double_backward(m.batched))
     if cl:
         model.to(memory_format=torch.channels_last)
