@@ -615,12 +615,12 @@ def test_best_model_is_registered_and_predict_reproduces_it(smoke, tmp_path):
 def test_arms_on_two_backbones_in_one_run(smoke):
     """smoke.yaml's `transfer@tf_efficientnet_lite2`: the backbone run builds both bodies, the arm trains on Lite2
     with the same paired subsets as the Lite0 arms, and the evaluate run scores it under an MLflow-safe key."""
-    rs = runs(smoke["uri"], "fewshot-medmeta-smoke")
-    by = {r.data.tags.get("pipeline.stage"): r for r in rs}
+    rs = sorted(runs(smoke["uri"], "fewshot-medmeta-smoke"), key=lambda r: -r.info.start_time)
+    by = {r.data.tags.get("pipeline.stage"): r for r in rs}  # the first run of each stage (later tests add more)
     bb = by["backbone"].data
     assert bb.tags["out.checkpoint_uri.tf_efficientnet_lite2"].endswith("checkpoint/tf_efficientnet_lite2/model.pt")
     assert bb.params["backbone_info.tf_efficientnet_lite2.num_params"] != bb.params["backbone_info.num_params"]
-    jobs = [r for r in rs if r.data.tags.get("pipeline.stage") == "finetune-run"]
+    jobs = [r for r in rs if r.data.tags.get("mlflow.parentRunId") == by["finetune"].info.run_id]
     lite2 = [r for r in jobs if r.data.params["arm"] == "transfer@tf_efficientnet_lite2"]
     assert len(lite2) == 4 and {r.data.params["model"] for r in lite2} == {"tf_efficientnet_lite2"}
     assert {r.data.tags["backbone"] for r in lite2} == {"tf_efficientnet_lite2"}
