@@ -4,8 +4,8 @@ supervised SGD over the same image passes. One process; prints a table and, last
     python benchmarks/meta_throughput.py [--device cpu|cuda] [--iters 3] [--model tf_efficientnet_lite0]
         [--channels-last auto|on|off] [--compile auto|on|off] [--unroll] [--batched] [--only maml,l2l-maml,...]
 
-Its defaults are the product's: `--channels-last auto` (`channels_last: auto`) and `--compile auto`, which decides
-as `meta.compile: auto` does for a run of the default config's length (`meta.iterations`).
+Its defaults are the product's: `--channels-last auto` (`channels_last: auto`) and `--compile` as `meta.compile`
+(`auto` decides as for a run of the default config's length, `meta.iterations`).
 
 Episodes are real 5-way tasks from the source pool when PIPELINE_DATA_ROOT (or ../shared/data) holds it.
 Memory: on CUDA, torch's peak allocated bytes; on CPU, the peak rise of the process's resident set above
@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--unroll", action="store_true",
                     help="MAML/Meta-SGD: backprop through the unrolled inner loop (meta.unroll=true) instead of the "
                          "reverse sweep of Hessian-vector products")
-    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+    ap.add_argument("--compile", default=PipelineConfig().meta.compile, choices=["auto", "on", "off"],
                     help="torch.compile our per-task functions, as meta.compile (auto: as for a default-length run); "
                          "the untimed warm-up compiles")
     args = ap.parse_args()

@@ -98,8 +98,9 @@ class MetaConfig:
     # MAML/Meta-SGD: backprop through all inner steps' graphs instead of the leaner reverse sweep
     unroll: bool = field(default=False, metadata=SPEED)
     # torch.compile the per-task gradient/HVP functions: "auto" compiles when meta.iterations is long enough to repay
-    # the first meta-batch's compile time (`pipeline.device.use_compile`) and a compiler is there; "on" or "off"
-    compile: str = field(default="auto", metadata=SPEED)
+    # the first meta-batch's compile time (`pipeline.device.use_compile`) and a compiler is there; "on" or "off".
+    # Off by default until `auto` measures faster at this code (docs/benchmarks.md)
+    compile: str = field(default="off", metadata=SPEED)
     augment: bool = False  # augment meta-training task images
     bn_recalibration_batches: int = 20  # source batches that re-estimate BatchNorm statistics before saving
     zero_head: bool = True  # start the N-way head at zero: initial loss log(N), no random-head gradients into the body

@@ -203,7 +203,7 @@ def test_meta_compile_auto_compiles_long_cpu_runs_when_a_compiler_is_there(tmp_p
     from pipeline.device import use_compile
     cpu = torch.device("cpu")
     assert load_config(None, ["meta.compile=true"]).meta.compile == "on"
-    assert load_config(None, []).meta.compile == "auto"
+    assert load_config(None, []).meta.compile == "off"
     with pytest.raises(ConfigError, match="meta.compile"):
         load_config(None, ["meta.compile=fast"])
     assert use_compile("on", 1, cpu) and not use_compile("off", 10**6, cpu)
