@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+if os.environ.get("PIPELINE_DATA_ROOT"):  # the README's `../shared/data` is relative to the checkout; the pipeline
+    # processes the tests start run in temporary folders, so they get it absolute
+    os.environ["PIPELINE_DATA_ROOT"] = str(Path(os.environ["PIPELINE_DATA_ROOT"]).resolve())
 
 
 def data_root() -> Path:
