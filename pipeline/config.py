@@ -105,6 +105,9 @@ class MetaConfig:
     bn_recalibration_batches: int = 20  # source batches that re-estimate BatchNorm statistics before saving
     zero_head: bool = True  # start the N-way head at zero: initial loss log(N), no random-head gradients into the body
     rezero_head: bool = False  # zero the head again after every outer step: only the body is meta-learned
+    # "prototype": every task's inner loop starts its head from the support set's class means, W_k = 2 c_k,
+    # b_k = -||c_k||^2 (first-order Proto-MAML; maml, fomaml, anil, metasgd, reptile); "default": the meta-learned head
+    head_init: str = "default"
     from_run: str = ""  # explicit backbone run id
 
 
@@ -404,7 +407,8 @@ def parse_ensemble(spec: str) -> tuple[str, list[str]]:
 
 def validate(cfg: PipelineConfig) -> None:
     """Value checks that types alone cannot express."""
-    from .meta.algorithms import ALGORITHMS  # the one list of algorithm names (imports torch, so not at the top)
+    # the one list of algorithm names (imports torch, so not at the top)
+    from .meta.algorithms import ALGORITHMS, PROTOTYPE_HEAD_ALGORITHMS
     choices = {
         "meta.algorithm": (cfg.meta.algorithm, set(ALGORITHMS)),
         "meta.lr_schedule": (cfg.meta.lr_schedule, {"cosine", "constant"}),
@@ -415,10 +419,15 @@ def validate(cfg: PipelineConfig) -> None:
         "finetune.pseudo_augment": (cfg.finetune.pseudo_augment, {"recipe", "strong"}),
         "evaluate.selection_metric": (cfg.evaluate.selection_metric, {"log_loss", "auc"}),
         "finetune.head_init": (cfg.finetune.head_init, {"default", "prototype"}),
+        "meta.head_init": (cfg.meta.head_init, {"default", "prototype"}),
     }
     for key, (val, allowed) in choices.items():
         if val not in allowed:
             raise ConfigError(f"config key '{key}': {val!r} is not one of {sorted(allowed)}")
+    if cfg.meta.head_init == "prototype" and cfg.meta.algorithm not in PROTOTYPE_HEAD_ALGORITHMS:
+        raise ConfigError(f"config key 'meta.head_init': 'prototype' starts an inner loop's head from the support "
+                          f"set, and meta.algorithm={cfg.meta.algorithm!r} has no such loop; use it with one of "
+                          f"{list(PROTOTYPE_HEAD_ALGORITHMS)}")
     for arm in cfg.finetune.arms:
         spec = parse_arm(arm)
         if spec.model == cfg.backbone.model:

@@ -53,6 +53,7 @@ def test_overrides_are_typed():
     ("evaluate.merge_runs=[lite.2=abc]", "'<tag>=<run id>'"),
     ("evaluate.merge_runs=[2lite=abc]", "'<tag>=<run id>'"),
     ("evaluate.merge_runs=[lite2=]", "'<tag>=<run id>'"),
+    ("meta.head_init=prototypes", "meta.head_init': 'prototypes' is not one of"),
 ])
 def test_bad_overrides_are_clear_errors(override, msg):
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
@@ -216,3 +217,9 @@ def test_meta_compile_auto_compiles_long_cpu_runs_when_a_compiler_is_there(tmp_p
     (fake / "c++").write_text("#!/bin/sh\n")
     (fake / "c++").chmod(0o755)
     assert use_compile("auto", 300, cpu) and use_compile("auto", 50, cpu) and not use_compile("auto", 49, cpu)
+
+
+def test_meta_prototype_head_needs_an_inner_loop_algorithm():
+    assert load_config(None, ["meta.head_init=prototype"]).meta.head_init == "prototype"  # reptile, the default
+    with pytest.raises(ConfigError, match="meta.head_init.*'protonet' has no such loop"):
+        load_config(None, ["meta.head_init=prototype", "meta.algorithm=protonet"])

@@ -363,3 +363,67 @@ def test_sampler_classes_number_every_pool_class_once():
     assert all(len(set(row.tolist())) == 3 for row in b.classes)
     assert set(b.classes.flatten().tolist()) <= set(range(9)) and len(set(b.classes.flatten().tolist())) > 3
     assert torch.equal(b.xs, torch.stack([s.episode(i)[0] for i in range(20)]))  # the episodes are unchanged
+
+
+def test_prototype_task_head_is_the_prototypical_classifier():
+    """meta.head_init=prototype: a task's inner loop starts from W_k = 2 c_k, b_k = -||c_k||^2 (c_k the support
+    class means of the body's features), whose logits are the negative squared distances to c_k plus ||f||^2."""
+    learner = create_learner(tiny(), "reptile", head_init="prototype")
+    xs, ys, xq, yq = make_tasks(T=1)
+    params = {k: v.detach() for k, v in learner.params().items()}
+    with batch_stats_only(learner.model):
+        start = learner.task_init(params, xs[0], ys[0])
+        logits = learner.logits(start, xq[0])
+        fs = learner.model.forward_head(learner.model.forward_features(xs[0]), pre_logits=True)
+        fq = learner.model.forward_head(learner.model.forward_features(xq[0]), pre_logits=True)
+    protos = torch.stack([fs[ys[0] == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(start["classifier.weight"], 2 * protos, rtol=1e-12, atol=1e-12)
+    by_hand = -((fq[:, None] - protos[None]) ** 2).sum(-1) + (fq ** 2).sum(-1, keepdim=True)
+    torch.testing.assert_close(logits, by_hand, rtol=1e-10, atol=1e-10)
+    for k in params:  # the body is where it was
+        if not k.startswith("classifier."):
+            assert torch.equal(start[k], params[k])
+
+
+def test_reptile_body_moves_at_the_first_inner_step_only_with_a_prototype_head():
+    """Why a zero head starves Reptile's body: with one inner step from a zero head the body's gradient is exactly
+    zero, so θ̃ - θ has no body part; a prototype head gives the body a gradient at once. Either way the head's
+    pseudo-gradient with a prototype head is zero (the head is rebuilt per task, never meta-learned)."""
+    task = make_tasks(T=2)
+    grads = {}
+    for init in ("default", "prototype"):
+        model = tiny()
+        torch.nn.init.zeros_(model.classifier.weight)
+        torch.nn.init.zeros_(model.classifier.bias)
+        learner = create_learner(model, "reptile", inner_lr=0.3, inner_steps=1, head_init=init)
+        learner.meta_backward(*task, batched=False)
+        grads[init] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    body = [k for k in grads["default"] if not k.startswith("classifier.")]
+    assert all(grads["default"][k].abs().max() == 0 for k in body)
+    assert max(grads["prototype"][k].abs().max().item() for k in body) > 1e-6
+    assert grads["default"]["classifier.weight"].abs().max() > 0
+    assert all(grads["prototype"][k].abs().max() == 0 for k in ("classifier.weight", "classifier.bias"))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "reptile", "metasgd"])
+def test_prototype_head_batched_equals_per_task_loop_and_leaves_the_head_alone(algorithm):
+    """Every inner-loop algorithm with a prototype head: vmap and the per-task loop (with its reverse sweep) give the
+    same meta-gradient, and the head parameter gets none."""
+    task = make_tasks(T=3)
+    a = create_learner(tiny(), algorithm, inner_lr=0.2, inner_steps=2, head_init="prototype")
+    b = create_learner(tiny(), algorithm, inner_lr=0.2, inner_steps=2, head_init="prototype")
+    la, aa = a.meta_backward(*task, batched=True)
+    lb, ab = b.meta_backward(*task, batched=False)
+    assert abs(la - lb) < 1e-10 and abs(aa - ab) < 1e-6  # accuracy: a float32 mean on one path
+    for (k, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        ga = pa.grad if pa.grad is not None else torch.zeros_like(pa)
+        torch.testing.assert_close(ga, pb.grad, rtol=1e-8, atol=1e-10, msg=k)
+        if k.startswith("classifier."):
+            assert pb.grad.abs().max() == 0
+        else:
+            assert pb.grad.abs().max() > 0, k
+
+
+def test_prototype_head_needs_an_inner_loop():
+    with pytest.raises(ValueError, match="protonet"):
+        create_learner(tiny(), "protonet", head_init="prototype")

@@ -36,20 +36,24 @@ class MetaLearner(nn.Module):
 
     `meta_parameters()` are what the outer optimizer updates. `unroll`: backpropagate through the inner loop's
     graphs (all K steps alive at once) instead of the leaner per-task reverse sweep; `compile`: run the pure
-    torch.func functions through torch.compile.
+    torch.func functions through torch.compile. `prototype_head`: every task's inner loop starts its head from the
+    support set's class means (`task_init`) instead of the meta-learned head.
     """
 
     name = ""
     first_order = True
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
-                 unroll: bool = False, compile: bool = False):
+                 unroll: bool = False, compile: bool = False, prototype_head: bool = False):
         super().__init__()
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
         self.head = head.rstrip(".") + "."
         self.unroll, self.compile = unroll, compile
+        self.prototype_head = prototype_head
         self.fast_depthwise = True  # autograd's double backward: depthwise convs through `_DepthwiseConv2d`
         self._fns: dict[str, Callable] = {}
+        # an unregistered view (the model is already a submodule): pooled features for prototype heads
+        object.__setattr__(self, "_view", _Features(model))
 
     # -- parameters -------------------------------------------------------------------------------
     def params(self) -> Params:
@@ -68,6 +72,30 @@ class MetaLearner(nn.Module):
     def summary(self) -> dict[str, float]:
         """Figures worth logging once training ends (none by default)."""
         return {}
+
+    def prototype_params(self, head: Params, fs: Tensor, ys: Tensor) -> Params:
+        """The head set from the class means c_k of support features `fs` (labels `ys`): W_k = 2 c_k,
+        b_k = -||c_k||^2, whose logits are -||f - c_k||^2 + ||f||^2 (Proto-MAML, Triantafillou et al. 2020). Held
+        fixed (first order: no gradient flows into the means), so the head parameter itself is not meta-learned."""
+        w, b = head[f"{self.head}weight"], head[f"{self.head}bias"]
+        fs = fs.detach()
+        onehot = F.one_hot(ys, w.shape[0]).to(fs.dtype)  # (S, N): class means without data-dependent shapes (vmap)
+        protos = onehot.T @ fs / onehot.sum(0)[:, None]
+        return {**head, f"{self.head}weight": (2 * protos).to(w.dtype), f"{self.head}bias": -(protos ** 2).sum(1).to(b.dtype)}
+
+    def task_init(self, params: Params, xs: Tensor, ys: Tensor) -> Params:
+        """Where a task's inner loop starts: `params`, or with `prototype_head` the same body and a prototype head
+        from the support set (`prototype_params`)."""
+        if not self.prototype_head:
+            return params
+        return {**params, **self.prototype_params(self.split(params)[1], self.features(params, xs), ys)}
+
+    def _no_head_grad(self, g: Params) -> Params:
+        """With `prototype_head` every task's head is rebuilt from its support set: the head parameter gets no
+        meta-gradient (zeros, as autograd's paths leave it)."""
+        if not self.prototype_head:
+            return g
+        return {k: torch.zeros_like(v) if k.startswith(self.head) else v for k, v in g.items()}
 
     def split(self, params: Params) -> tuple[Params, Params]:
         head = {k: v for k, v in params.items() if k.startswith(self.head)}
@@ -104,6 +132,7 @@ class MetaLearner(nn.Module):
                    ) -> Callable[[Tensor], Tensor]:
         """Adapt to one task's support set; returns the adapted classifier `x -> logits`."""
         fo = self.first_order if first_order is None else first_order
+        params = self.task_init(params, xs, ys)
         fast = adapt(lambda p: F.cross_entropy(self.logits(p, xs), ys), params, self.lr_dict(), self.inner_steps, fo)
         return lambda x: self.logits(fast, x)
 
@@ -156,8 +185,8 @@ class MetaLearner(nn.Module):
         return tot_l, tot_a
 
     def features(self, params: Params, x: Tensor) -> Tensor:
-        """Pooled pre-logit features of the body under `params` (for learners that set `_features`)."""
-        return functional_call(self._features, {f"m.{k}": v for k, v in params.items()}, (x,))
+        """Pooled pre-logit features of the body under `params`."""
+        return functional_call(self._view, {f"m.{k}": v for k, v in params.items()}, (x,))
 
     def _accumulate(self, params: Params, g: Params, lr_grad: Params | None = None, scale: float = 1.0) -> None:
         """Add scale·g into the parameters' `.grad` (and Meta-SGD's LR gradients), as `backward` would."""
@@ -194,8 +223,8 @@ class MAML(MetaLearner):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
-                 first_order: bool = False, unroll: bool = False, compile: bool = False):
-        super().__init__(model, inner_lr, inner_steps, head, unroll, compile)
+                 first_order: bool = False, unroll: bool = False, compile: bool = False, prototype_head: bool = False):
+        super().__init__(model, inner_lr, inner_steps, head, unroll, compile, prototype_head)
         self.first_order = first_order
         self.name = "fomaml" if first_order else "maml"
 
@@ -224,13 +253,14 @@ class MAML(MetaLearner):
         """One task's meta-gradient with no graph over the inner loop: first-order inner steps that record θ_i, the
         query gradient at θ_K, then (second order) `adapt_vjp`'s reverse sweep back to θ_0."""
         traj = None if self.first_order else []
+        theta = self.task_init(theta, x_s, y_s)
         fast = adapt(None, theta, lr, self.inner_steps, first_order=True,
                      grad_fn=lambda p: self.fn("grad")(p, x_s, y_s), trajectory=traj)
         v, out = self.fn("query")(fast, x_q, y_q)
         lr_grad = None
         if traj is not None:
             v, lr_grad = adapt_vjp(lambda p, u: self.fn("hvp")(p, u, x_s, y_s), traj, lr, v)
-        return v, lr_grad, out
+        return self._no_head_grad(v), lr_grad, out
 
 
 class MetaSGD(MAML):
@@ -238,8 +268,8 @@ class MetaSGD(MAML):
     `inner_lr` and meta-learned with θ."""
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
-                 first_order: bool = False, unroll: bool = False, compile: bool = False):
-        super().__init__(model, inner_lr, inner_steps, head, first_order, unroll, compile)
+                 first_order: bool = False, unroll: bool = False, compile: bool = False, prototype_head: bool = False):
+        super().__init__(model, inner_lr, inner_steps, head, first_order, unroll, compile, prototype_head)
         self.name = "metasgd"
         self.lrs = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(torch.full_like(p, inner_lr))
                                      for k, p in model.named_parameters()})
@@ -257,10 +287,9 @@ class ANIL(MAML):
     meta-learned in the outer loop. Second order through the head steps, by one functional `grad`."""
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
-                 first_order: bool = False, unroll: bool = False, compile: bool = False):
-        super().__init__(model, inner_lr, inner_steps, head, first_order, unroll, compile)
+                 first_order: bool = False, unroll: bool = False, compile: bool = False, prototype_head: bool = False):
+        super().__init__(model, inner_lr, inner_steps, head, first_order, unroll, compile, prototype_head)
         self.name = "anil"
-        self._features = _Features(model)
 
     def meta_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
@@ -277,13 +306,15 @@ class ANIL(MAML):
         fo = self.first_order if first_order is None else first_order
         _, head = self.split(params)
         fs = self.features(params, xs)
+        if self.prototype_head:
+            head = self.prototype_params(head, fs, ys)
         fast = adapt(lambda h: F.cross_entropy(self.head_logits(h, fs), ys), head, self.lr_dict(), self.inner_steps, fo)
         return lambda x: self.head_logits(fast, self.features(params, x))
 
     def _task_meta_gradient(self, theta: Params, lr: float | Params, x_s: Tensor, y_s: Tensor, x_q: Tensor,
                             y_q: Tensor) -> tuple[Params, Params | None, Tensor]:
         v, out = self.fn("anil")(theta, x_s, y_s, x_q, y_q)
-        return v, None, out
+        return self._no_head_grad(v), None, out
 
 
 class Reptile(MetaLearner):
@@ -299,12 +330,12 @@ class Reptile(MetaLearner):
                       ) -> tuple[Params, Tensor, Tensor]:
         """θ̃ − θ after inner SGD on the support set, plus query loss/accuracy of θ̃ (for logging).
         `loop`: called per task (not under vmap), so the possibly compiled `fn("grad")` may serve."""
-        params = {k: v.detach() for k, v in params.items()}
+        params = self.task_init({k: v.detach() for k, v in params.items()}, xs, ys)
         fast = adapt(lambda p: self.loss(p, xs, ys), params, self.inner_lr, self.inner_steps, first_order=True,
                      grad_fn=(lambda p: self.fn("grad")(p, xs, ys)) if loop else None)
         fast = {k: v.detach() for k, v in fast.items()}
         out = self.logits(fast, xq).detach()
-        return ({k: fast[k] - params[k] for k in params}, F.cross_entropy(out, yq),
+        return (self._no_head_grad({k: fast[k] - params[k] for k in params}), F.cross_entropy(out, yq),
                 (out.argmax(-1) == yq).float().mean())
 
     def _meta_backward(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, batched: bool
@@ -340,7 +371,6 @@ class ProtoNet(MetaLearner):
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
                  unroll: bool = False, compile: bool = False):
         super().__init__(model, inner_lr, inner_steps, head, unroll, compile)
-        self._features = _Features(model)
 
     def meta_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
@@ -367,7 +397,6 @@ class Multitask(MetaLearner):
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
                  unroll: bool = False, compile: bool = False, source_classes: int = 2):
         super().__init__(model, inner_lr, inner_steps, head, unroll, compile)
-        self._features = _Features(model)
         n_features = getattr(model, "num_features", None) or model.get_classifier().in_features
         self.pooled_head = nn.Linear(n_features, source_classes)
         nn.init.zeros_(self.pooled_head.weight)  # as the meta head: no random-head gradients into the body
@@ -384,7 +413,7 @@ class Multitask(MetaLearner):
         x = torch.cat([xs.flatten(0, 1), xq.flatten(0, 1)])
         y = torch.cat([classes.gather(1, ys).flatten(), classes.gather(1, yq).flatten()])
         with batch_stats_only(self.model, composite_bn=False):  # running statistics: recalibrated at the end
-            out = self.pooled_head(self._features(x))
+            out = self.pooled_head(self._view(x))
         loss = F.cross_entropy(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, y)
         loss.backward()
         return loss.item(), (out.argmax(-1) == y).float().mean().item()
@@ -402,13 +431,23 @@ ALGORITHMS: dict[str, Callable[..., MetaLearner]] = {
 }
 
 
+# the algorithms with an inner loop on the N-way head, where `meta.head_init=prototype` applies
+PROTOTYPE_HEAD_ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile")
+
+
 def create_learner(model: nn.Module, algorithm: str, inner_lr: float = 0.01, inner_steps: int = 5,
                    head: str = "classifier", unroll: bool = False, compile: bool = False,
-                   source_classes: int = 0) -> MetaLearner:
+                   source_classes: int = 0, head_init: str = "default") -> MetaLearner:
     """The `MetaLearner` of `algorithm` (a key of `ALGORITHMS`) around `model`; `source_classes`: the meta-train
-    pool's class count, the size of `multitask`'s pooled head."""
+    pool's class count, the size of `multitask`'s pooled head; `head_init="prototype"`: each task's head starts from
+    its support prototypes (`MetaLearner.task_init`; algorithms of `PROTOTYPE_HEAD_ALGORITHMS`)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
+    if head_init == "prototype" and algorithm not in PROTOTYPE_HEAD_ALGORITHMS:
+        raise ValueError(f"head_init='prototype' needs an inner loop on the head; {algorithm!r} has none "
+                         f"(choose from {list(PROTOTYPE_HEAD_ALGORITHMS)})")
     extra = {"source_classes": source_classes} if ALGORITHMS[algorithm] is Multitask else {}
+    if head_init == "prototype":
+        extra["prototype_head"] = True
     return ALGORITHMS[algorithm](model, inner_lr=inner_lr, inner_steps=inner_steps, head=head, unroll=unroll,
                                  compile=compile, **extra)
