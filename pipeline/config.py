@@ -87,6 +87,9 @@ class MetaConfig:
     iterations: int = 300  # outer steps
     outer_lr: float = 1e-3  # Adam LR for MAML-family; Reptile's epsilon is `reptile_epsilon`
     reptile_epsilon: float = 0.5  # Reptile outer step size: θ ← θ + ε·mean(θ̃ − θ)
+    # Reptile's outer loop: "sgd" is the paper's θ ← θ + ε·mean(θ̃ − θ); "adam": Adam at outer_lr on the
+    # pseudo-gradient −mean(θ̃ − θ), which normalises its scale (inner SGD barely moves a pretrained body)
+    reptile_outer: str = "sgd"
     lr_schedule: str = "cosine"  # cosine | constant
     task_mode: str = "within"  # within: a task's classes come from one data set; across: from any
     disjoint_classes: bool = False  # meta-validation on classes held out of meta-training
@@ -420,6 +423,7 @@ def validate(cfg: PipelineConfig) -> None:
         "evaluate.selection_metric": (cfg.evaluate.selection_metric, {"log_loss", "auc"}),
         "finetune.head_init": (cfg.finetune.head_init, {"default", "prototype"}),
         "meta.head_init": (cfg.meta.head_init, {"default", "prototype"}),
+        "meta.reptile_outer": (cfg.meta.reptile_outer, {"sgd", "adam"}),
     }
     for key, (val, allowed) in choices.items():
         if val not in allowed:

@@ -54,6 +54,7 @@ def test_overrides_are_typed():
     ("evaluate.merge_runs=[2lite=abc]", "'<tag>=<run id>'"),
     ("evaluate.merge_runs=[lite2=]", "'<tag>=<run id>'"),
     ("meta.head_init=prototypes", "meta.head_init': 'prototypes' is not one of"),
+    ("meta.reptile_outer=rmsprop", "meta.reptile_outer': 'rmsprop' is not one of"),
 ])
 def test_bad_overrides_are_clear_errors(override, msg):
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):

@@ -427,3 +427,24 @@ def test_prototype_head_batched_equals_per_task_loop_and_leaves_the_head_alone(a
 def test_prototype_head_needs_an_inner_loop():
     with pytest.raises(ValueError, match="protonet"):
         create_learner(tiny(), "protonet", head_init="prototype")
+
+
+def test_reptile_adam_outer_step_is_adams_first_step_on_the_pseudo_gradient():
+    """meta.reptile_outer=adam: the first outer step is Adam's, -lr·g/(|g| + eps) with g = -mean(θ̃ - θ) (bias
+    correction makes m̂ = g and v̂ = g² at step 1), so every entry moves by about lr whatever Δ's scale."""
+    task = make_tasks(T=2)
+    ref = create_learner(tiny(), "reptile", inner_lr=0.2, inner_steps=2)
+    ref.meta_backward(*task, batched=False)
+    g = {k: p.grad.clone() for k, p in ref.model.named_parameters()}
+    model = tiny()
+    theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+    learner = create_learner(model, "reptile", inner_lr=0.2, inner_steps=2, reptile_outer="adam")
+    opt = learner.outer_optimizer(outer_lr=1e-3, reptile_epsilon=0.5)
+    assert isinstance(opt, torch.optim.Adam)
+    learner.meta_backward(*task, batched=False)
+    opt.step()
+    for k, p in model.named_parameters():
+        expected = theta[k] - 1e-3 * g[k] / (g[k].abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-12, msg=k)
+    with pytest.raises(ValueError, match="'sgd' or 'adam'"):
+        create_learner(tiny(), "reptile", reptile_outer="rmsprop")

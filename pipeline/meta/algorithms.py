@@ -319,11 +319,21 @@ class ANIL(MAML):
 
 class Reptile(MetaLearner):
     """Reptile (Nichol et al. 2018): inner SGD on the support set, then θ ← θ + ε·mean(θ̃ − θ), i.e. plain SGD with
-    lr ε on the pseudo-gradient −mean(θ̃ − θ) that `meta_backward` accumulates."""
+    lr ε on the pseudo-gradient −mean(θ̃ − θ) that `meta_backward` accumulates. `outer="adam"`: Adam at the outer
+    learning rate on that pseudo-gradient instead (its size no longer sets the step)."""
 
     name = "reptile"
 
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
+                 unroll: bool = False, compile: bool = False, prototype_head: bool = False, outer: str = "sgd"):
+        super().__init__(model, inner_lr, inner_steps, head, unroll, compile, prototype_head)
+        if outer not in ("sgd", "adam"):
+            raise ValueError(f"Reptile's outer loop is 'sgd' or 'adam', not {outer!r}")
+        self.outer = outer
+
     def outer_optimizer(self, outer_lr: float, reptile_epsilon: float) -> torch.optim.Optimizer:
+        if self.outer == "adam":
+            return torch.optim.Adam(self.meta_parameters(), lr=outer_lr)
         return torch.optim.SGD(self.meta_parameters(), lr=reptile_epsilon)
 
     def reptile_delta(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, loop: bool = False
@@ -437,10 +447,11 @@ PROTOTYPE_HEAD_ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile")
 
 def create_learner(model: nn.Module, algorithm: str, inner_lr: float = 0.01, inner_steps: int = 5,
                    head: str = "classifier", unroll: bool = False, compile: bool = False,
-                   source_classes: int = 0, head_init: str = "default") -> MetaLearner:
+                   source_classes: int = 0, head_init: str = "default", reptile_outer: str = "sgd") -> MetaLearner:
     """The `MetaLearner` of `algorithm` (a key of `ALGORITHMS`) around `model`; `source_classes`: the meta-train
     pool's class count, the size of `multitask`'s pooled head; `head_init="prototype"`: each task's head starts from
-    its support prototypes (`MetaLearner.task_init`; algorithms of `PROTOTYPE_HEAD_ALGORITHMS`)."""
+    its support prototypes (`MetaLearner.task_init`; algorithms of `PROTOTYPE_HEAD_ALGORITHMS`); `reptile_outer`:
+    Reptile's outer optimizer ("sgd" or "adam")."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
     if head_init == "prototype" and algorithm not in PROTOTYPE_HEAD_ALGORITHMS:
@@ -449,5 +460,7 @@ def create_learner(model: nn.Module, algorithm: str, inner_lr: float = 0.01, inn
     extra = {"source_classes": source_classes} if ALGORITHMS[algorithm] is Multitask else {}
     if head_init == "prototype":
         extra["prototype_head"] = True
+    if algorithm == "reptile":
+        extra["outer"] = reptile_outer
     return ALGORITHMS[algorithm](model, inner_lr=inner_lr, inner_steps=inner_steps, head=head, unroll=unroll,
                                  compile=compile, **extra)
