@@ -1,0 +1,88 @@
+"""Meta-learned bodies against ImageNet transfer at k <= 20 (docs/experiments/17-meta-vs-transfer-k-le-20.md), as
+pipeline runs chained through the API (MLflow's multistep pattern): run ids come back from `run_pipeline`, nothing
+parses printed output, and every run is in the store for the MLflow UI.
+
+1. One meta run per algorithm (ANIL, ProtoNet, the multitask control; the default config's budget unless
+   `--meta-iterations`), all from the same backbone run.
+2. Finetune run A: `transfer` and the ANIL and multitask bodies (`finetune.meta_from_runs`), default head.
+3. Finetune run B: `transfer` and the ProtoNet body with the prototype head (`finetune.head_init=prototype`).
+4. The evaluate stage on A with B merged under the tag `proto` (`evaluate.merge_runs`): every arm on the same
+   paired k-shot subsets (seeds), test AUC with CIs, paired differences against `transfer`.
+
+    PIPELINE_DATA_ROOT=../shared/data python benchmarks/compare_meta.py                 # the pre-registered run
+    python benchmarks/compare_meta.py --seeds 1 --shots 5 --meta-iterations 2 --set finetune.epochs=1   # toy size
+
+Killed part-way, the same command continues: finished stages are reused (same config, same code), a finetune
+stage keeps its finished jobs (docs/design.md, "Resume"). Prints one JSON object (runs, AUCs, paired differences).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.config import load_config  # noqa: E402
+from pipeline.orchestrate import run_pipeline  # noqa: E402
+
+# fixed before the first run (the experiment's file): the meta-learners and their fine-tuning head
+META = {"anil": "default", "multitask": "default", "protonet": "prototype"}
+
+
+def arm_label(arm: str, meta_ids: dict[str, str]) -> str:
+    """'meta-anil-1a2b3c' -> 'meta-anil', 'proto.meta-protonet-...' -> 'meta-protonet+prototype head'."""
+    proto = arm.startswith("proto.")
+    base = arm.removeprefix("proto.")
+    for alg, rid in meta_ids.items():
+        if base == f"meta-{alg}-{rid[:6]}":
+            base = f"meta-{alg}"
+    return base + (" + prototype head" if proto else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--first", type=int, default=20, help="first seed (pre-registered: 20)")
+    ap.add_argument("--seeds", type=int, default=8, help="number of seeds (pre-registered: 8)")
+    ap.add_argument("--shots", default="5,10,20", help="k values, comma-separated")
+    ap.add_argument("--meta-iterations", type=int, default=0, help="meta.iterations (0: the config's default)")
+    ap.add_argument("--config", default="", help="base config file (default: the built-in defaults)")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    args = ap.parse_args()
+    base = [f"finetune.first_seed={args.first}", f"finetune.seeds={args.seeds}", f"finetune.shots=[{args.shots}]",
+            *([f"meta.iterations={args.meta_iterations}"] if args.meta_iterations else []), *args.overrides]
+    cfg_file = args.config or None
+
+    meta_ids = {}
+    for alg in META:
+        cfg = load_config(cfg_file, [*base, f"meta.algorithm={alg}"])
+        meta_ids[alg] = run_pipeline(cfg, ["backbone", "meta"])["meta"]["run_id"]
+    plain = [a for a, h in META.items() if h == "default"]
+    proto = [a for a, h in META.items() if h == "prototype"]
+    common = [*base, "finetune.arms=[transfer]", "evaluate.ensemble=false"]
+    cfg_b = load_config(cfg_file, [*common, "finetune.head_init=prototype",
+                                   f"finetune.meta_from_runs=[{','.join(meta_ids[a] for a in proto)}]"])
+    run_b = run_pipeline(cfg_b, ["backbone", "finetune"])["finetune"]["run_id"]
+    cfg_a = load_config(cfg_file, [*common, f"finetune.meta_from_runs=[{','.join(meta_ids[a] for a in plain)}]",
+                                   f"evaluate.merge_runs=[proto={run_b}]"])
+    out = run_pipeline(cfg_a, ["backbone", "finetune", "evaluate"])
+    res = mlflow.artifacts.load_dict(out["evaluate"]["results_uri"])
+
+    meta_runs = {a: mlflow.get_run(r).data.metrics for a, r in meta_ids.items()}
+    summary = {
+        "runs": {"meta": meta_ids, "finetune_prototype_head": run_b, **{s: o["run_id"] for s, o in out.items()}},
+        "meta_val": {a: {"start": m.get("meta_val_start_acc"), "best": m.get("meta_val_best_acc"),
+                         "seconds": m.get("meta_seconds")} for a, m in meta_runs.items()},
+        "test_auc": {f"{arm_label(g['arm'], meta_ids)} k{g['k']}": [round(g["auc"], 4), [round(v, 4) for v in
+                     g["auc_ci"]], g["n_seeds"]] for g in res["aggregates"]},
+        "paired_vs_transfer": {f"{arm_label(c['arm'], meta_ids)} k{c['k']}": {
+            key: (round(v, 4) if isinstance(v, float) else v) for key, v in c.items()
+            if key not in ("arm", "reference", "k", "metric")} for c in res["comparisons"]},
+    }
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
