@@ -78,10 +78,9 @@ class MetaLearner(nn.Module):
         b_k = -||c_k||^2, whose logits are -||f - c_k||^2 + ||f||^2 (Proto-MAML, Triantafillou et al. 2020). Held
         fixed (first order: no gradient flows into the means), so the head parameter itself is not meta-learned."""
         w, b = head[f"{self.head}weight"], head[f"{self.head}bias"]
-        fs = fs.detach()
-        onehot = F.one_hot(ys, w.shape[0]).to(fs.dtype)  # (S, N): class means without data-dependent shapes (vmap)
-        protos = onehot.T @ fs / onehot.sum(0)[:, None]
-        return {**head, f"{self.head}weight": (2 * protos).to(w.dtype), f"{self.head}bias": -(protos ** 2).sum(1).to(b.dtype)}
+        protos = class_means(fs.detach(), ys, w.shape[0])
+        return {**head, f"{self.head}weight": (2 * protos).to(w.dtype),
+                f"{self.head}bias": -(protos ** 2).sum(1).to(b.dtype)}
 
     def task_init(self, params: Params, xs: Tensor, ys: Tensor) -> Params:
         """Where a task's inner loop starts: `params`, or with `prototype_head` the same body and a prototype head
@@ -363,12 +362,16 @@ class Reptile(MetaLearner):
         return losses.mean().item(), accs.mean().item()
 
 
+def class_means(fs: Tensor, ys: Tensor, n_ways: int) -> Tensor:
+    """(N, D) means of features `fs` per label `ys` in 0..n_ways-1 (the prototypes)."""
+    onehot = F.one_hot(ys, n_ways).to(fs.dtype)  # (S, N): class means without data-dependent shapes (vmap)
+    return onehot.T @ fs / onehot.sum(0)[:, None]
+
+
 def prototype_logits(fs: Tensor, ys: Tensor, fq: Tensor, n_ways: int) -> Tensor:
     """Negative squared Euclidean distances from query features `fq` to the class means of support features `fs`
     (labels `ys` in 0..n_ways-1): the logits of a prototypical network."""
-    onehot = F.one_hot(ys, n_ways).to(fs.dtype)  # (S, N): class means without data-dependent shapes (vmap)
-    protos = onehot.T @ fs / onehot.sum(0)[:, None]
-    return -((fq[:, None, :] - protos[None]) ** 2).sum(-1)
+    return -((fq[:, None, :] - class_means(fs, ys, n_ways)[None]) ** 2).sum(-1)
 
 
 class ProtoNet(MetaLearner):
