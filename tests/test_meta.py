@@ -155,6 +155,37 @@ def test_compiled_sweep_equals_eager(algorithm, fns):
     assert set(compiled._fns) == fns
 
 
+def test_compiled_functions_see_the_first_calls_strides_and_do_not_recompile():
+    """An inner step hands back a (C, 1, 3, 3) channels-last weight with contiguous strides (same values, another
+    stride on the size-1 dimension); torch.compile guards on that. `_same_strides` restrides it to the first
+    call's layout, so dynamo compiles once (counted by a backend of our own) and the values are unchanged."""
+    from pipeline.meta.algorithms import _same_strides
+    compiles = []
+
+    def counting_backend(gm, inputs):
+        compiles.append(1)
+        return gm.forward
+
+    def f(params, x):
+        return F.conv2d(x, params["w"], groups=4).sum()
+
+    w = torch.randn(4, 1, 3, 3).clone(memory_format=torch.channels_last)  # strides (9, 1, 3, 1)
+    w2 = torch.randn(4, 1, 3, 3)  # (9, 9, 3, 1), as an inner step hands it back
+    assert w.stride() != w2.stride()
+    x = torch.randn(2, 4, 6, 6)
+    torch._dynamo.reset()
+    raw = torch.compile(f, backend=counting_backend, dynamic=False)
+    raw({"w": w}, x), raw({"w": w2}, x)
+    assert len(compiles) == 2  # without the wrapper: a recompile for the stride alone
+    compiles.clear()
+    torch._dynamo.reset()
+    pinned = _same_strides(torch.compile(f, backend=counting_backend, dynamic=False))
+    out = [pinned({"w": v}, x) for v in (w, w2, w2.clone(), w)]
+    assert len(compiles) == 1
+    torch.testing.assert_close(out[1], f({"w": w2}, x))
+    torch._dynamo.reset()
+
+
 def test_second_order_differs_from_first_order():
     task = make_tasks(T=1)
     g2 = meta_grad(create_learner(tiny(), "maml", inner_lr=0.3, inner_steps=3), task)

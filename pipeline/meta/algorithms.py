@@ -20,6 +20,29 @@ from .inner import Params, adapt, adapt_vjp, hvp
 from .layers import batch_stats_only, depthwise_double_backward
 
 
+def _same_strides(fn: Callable) -> Callable:
+    """Call `fn` with every parameter-dict argument in the strides of its first call. torch.compile guards on
+    strides, size-1 dimensions included: an inner step `θ - lr·g` hands back a channels-last depthwise weight
+    (C, 1, 3, 3) with contiguous strides, and without this each such call recompiled the function (and the
+    compiled functions share one code object, so a few of these filled dynamo's recompile limit)."""
+    want: dict[tuple[int, str], tuple[int, ...]] = {}
+
+    def call(*args):
+        fixed = []
+        for i, a in enumerate(args):
+            if isinstance(a, dict):
+                a = {k: _restride(v, want.setdefault((i, k), v.stride())) for k, v in a.items()}
+            fixed.append(a)
+        return fn(*fixed)
+    return call
+
+
+def _restride(v: Tensor, stride: tuple[int, ...]) -> Tensor:
+    if v.stride() == stride:
+        return v
+    return torch.empty_strided(v.shape, stride, dtype=v.dtype, device=v.device).copy_(v)
+
+
 class _Features(nn.Module):
     """View of a timm model that returns pooled pre-logit features (for ANIL's body)."""
 
@@ -122,8 +145,8 @@ class MetaLearner(nn.Module):
             f = {"grad": lambda: grad(self.loss), "hvp": lambda: hvp(self.loss),
                  "query": lambda: grad(self._loss_out, has_aux=True),
                  "anil": lambda: grad(self._task_loss_out, has_aux=True)}[name]()
-            self._fns[name] = (torch.compile(f, dynamic=False, options={"fallback_random": True}) if self.compile
-                               else f)
+            self._fns[name] = (_same_strides(torch.compile(f, dynamic=False, options={"fallback_random": True}))
+                               if self.compile else f)
         return self._fns[name]
 
     # -- the inner loop and the meta-objective ----------------------------------------------------
