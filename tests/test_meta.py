@@ -179,7 +179,7 @@ def test_compiled_functions_see_the_first_calls_strides_and_do_not_recompile():
     assert len(compiles) == 2  # without the wrapper: a recompile for the stride alone
     compiles.clear()
     torch._dynamo.reset()
-    pinned = _same_strides(torch.compile(f, backend=counting_backend, dynamic=False))
+    pinned = _same_strides(torch.compile(f, backend=counting_backend, dynamic=False), {})
     out = [pinned({"w": v}, x) for v in (w, w2, w2.clone(), w)]
     assert len(compiles) == 1
     torch.testing.assert_close(out[1], f({"w": w2}, x))

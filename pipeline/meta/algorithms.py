@@ -20,20 +20,15 @@ from .inner import Params, adapt, adapt_vjp, hvp
 from .layers import batch_stats_only, depthwise_double_backward
 
 
-def _same_strides(fn: Callable) -> Callable:
-    """Call `fn` with every parameter-dict argument in the strides of its first call. torch.compile guards on
-    strides, size-1 dimensions included: an inner step `θ - lr·g` hands back a channels-last depthwise weight
-    (C, 1, 3, 3) with contiguous strides, and without this each such call recompiled the function (and the
-    compiled functions share one code object, so a few of these filled dynamo's recompile limit)."""
-    want: dict[tuple[int, str], tuple[int, ...]] = {}
-
+def _same_strides(fn: Callable, strides: dict[str, tuple[int, ...]]) -> Callable:
+    """Call `fn` with every parameter-dict argument (parameters, tangents) in the strides `strides` holds for each
+    name, the first ones seen. torch.compile guards on strides, size-1 dimensions included: an inner step
+    `θ - lr·g` hands back a channels-last depthwise weight (C, 1, 3, 3) with contiguous strides, which recompiled
+    MAML's gradient and Hessian-vector-product functions; sharing `strides` among a learner's compiled functions
+    keeps them all on the model's own memory format."""
     def call(*args):
-        fixed = []
-        for i, a in enumerate(args):
-            if isinstance(a, dict):
-                a = {k: _restride(v, want.setdefault((i, k), v.stride())) for k, v in a.items()}
-            fixed.append(a)
-        return fn(*fixed)
+        return fn(*({k: _restride(v, strides.setdefault(k, v.stride())) for k, v in a.items()}
+                    if isinstance(a, dict) else a for a in args))
     return call
 
 
@@ -75,6 +70,7 @@ class MetaLearner(nn.Module):
         self.prototype_head = prototype_head
         self.fast_depthwise = True  # autograd's double backward: depthwise convs through `_DepthwiseConv2d`
         self._fns: dict[str, Callable] = {}
+        self._strides: dict[str, tuple[int, ...]] = {}  # one layout per parameter for every compiled function
         # an unregistered view (the model is already a submodule): pooled features for prototype heads
         object.__setattr__(self, "_view", _Features(model))
 
@@ -145,7 +141,8 @@ class MetaLearner(nn.Module):
             f = {"grad": lambda: grad(self.loss), "hvp": lambda: hvp(self.loss),
                  "query": lambda: grad(self._loss_out, has_aux=True),
                  "anil": lambda: grad(self._task_loss_out, has_aux=True)}[name]()
-            self._fns[name] = (_same_strides(torch.compile(f, dynamic=False, options={"fallback_random": True}))
+            self._fns[name] = (_same_strides(torch.compile(f, dynamic=False, options={"fallback_random": True}),
+                                             self._strides)
                                if self.compile else f)
         return self._fns[name]
 
