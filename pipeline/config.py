@@ -90,6 +90,10 @@ class MetaConfig:
     # Reptile's outer loop: "sgd" is the paper's θ ← θ + ε·mean(θ̃ − θ); "adam": Adam at outer_lr on the
     # pseudo-gradient −mean(θ̃ − θ), which normalises its scale (inner SGD barely moves a pretrained body)
     reptile_outer: str = "sgd"
+    # Reptile's inner loop trains on a task's support and query images (Reptile has no other use for the query
+    # set; Nichol et al. 2018 meta-trained with more shots than they tested with); meta-validation still adapts on
+    # the support set alone and scores the query set
+    reptile_query: bool = False
     lr_schedule: str = "cosine"  # cosine | constant
     task_mode: str = "within"  # within: a task's classes come from one data set; across: from any
     disjoint_classes: bool = False  # meta-validation on classes held out of meta-training

@@ -212,26 +212,29 @@ def test_first_order_gradient_is_query_gradient_at_adapted_params():
         torch.testing.assert_close(g[k], expected[k], rtol=1e-10, atol=1e-12)
 
 
-def test_reptile_update_is_closed_form():
+@pytest.mark.parametrize("use_query,batched", [(False, True), (True, True), (True, False)])
+def test_reptile_update_is_closed_form(use_query, batched):
+    """θ ← θ + ε·mean(θ̃ − θ), θ̃ from inner SGD on the support set, or (`reptile_query`) on support and query."""
     model = tiny()
-    learner = create_learner(model, "reptile", inner_lr=0.2, inner_steps=4)
+    learner = create_learner(model, "reptile", inner_lr=0.2, inner_steps=4, reptile_query=use_query)
     xs, ys, xq, yq = task = make_tasks(T=3)
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}
-    # θ̃ per task with an independent plain-autograd SGD loop on the support set
+    # θ̃ per task with an independent plain-autograd SGD loop on the support set (and query set)
     tilde = []
     for t in range(3):
+        x, y = (torch.cat([xs[t], xq[t]]), torch.cat([ys[t], yq[t]])) if use_query else (xs[t], ys[t])
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.2)
         with batch_stats_only(m):
             for _ in range(4):
                 opt.zero_grad()
-                F.cross_entropy(m(xs[t]), ys[t]).backward()
+                F.cross_entropy(m(x), y).backward()
                 opt.step()
         tilde.append({k: v.detach() for k, v in m.named_parameters()})
     eps = 0.7
     opt = torch.optim.SGD(learner.meta_parameters(), lr=eps)
     opt.zero_grad()
-    learner.meta_backward(*task, batched=True)
+    learner.meta_backward(*task, batched=batched)
     opt.step()
     for k, p in model.named_parameters():
         expected = theta[k] + eps * (sum(tl[k] for tl in tilde) / 3 - theta[k])

@@ -339,16 +339,19 @@ class ANIL(MAML):
 class Reptile(MetaLearner):
     """Reptile (Nichol et al. 2018): inner SGD on the support set, then θ ← θ + ε·mean(θ̃ − θ), i.e. plain SGD with
     lr ε on the pseudo-gradient −mean(θ̃ − θ) that `meta_backward` accumulates. `outer="adam"`: Adam at the outer
-    learning rate on that pseudo-gradient instead (its size no longer sets the step)."""
+    learning rate on that pseudo-gradient instead (its size no longer sets the step). `use_query`: the inner loop
+    trains on the support and query images together (meta-training only; `adapt_task` adapts on the support set), so
+    the logged query loss and accuracy are then on images the inner loop saw."""
 
     name = "reptile"
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, head: str = "classifier",
-                 unroll: bool = False, compile: bool = False, prototype_head: bool = False, outer: str = "sgd"):
+                 unroll: bool = False, compile: bool = False, prototype_head: bool = False, outer: str = "sgd",
+                 use_query: bool = False):
         super().__init__(model, inner_lr, inner_steps, head, unroll, compile, prototype_head)
         if outer not in ("sgd", "adam"):
             raise ValueError(f"Reptile's outer loop is 'sgd' or 'adam', not {outer!r}")
-        self.outer = outer
+        self.outer, self.use_query = outer, use_query
 
     def outer_optimizer(self, outer_lr: float, reptile_epsilon: float) -> torch.optim.Optimizer:
         if self.outer == "adam":
@@ -359,9 +362,10 @@ class Reptile(MetaLearner):
                       ) -> tuple[Params, Tensor, Tensor]:
         """θ̃ − θ after inner SGD on the support set, plus query loss/accuracy of θ̃ (for logging).
         `loop`: called per task (not under vmap), so the possibly compiled `fn("grad")` may serve."""
-        params = self.task_init({k: v.detach() for k, v in params.items()}, xs, ys)
-        fast = adapt(lambda p: self.loss(p, xs, ys), params, self.inner_lr, self.inner_steps, first_order=True,
-                     grad_fn=(lambda p: self.fn("grad")(p, xs, ys)) if loop else None)
+        params = self.task_init({k: v.detach() for k, v in params.items()}, xs, ys)  # the head from the support
+        x, y = (torch.cat([xs, xq]), torch.cat([ys, yq])) if self.use_query else (xs, ys)
+        fast = adapt(lambda p: self.loss(p, x, y), params, self.inner_lr, self.inner_steps, first_order=True,
+                     grad_fn=(lambda p: self.fn("grad")(p, x, y)) if loop else None)
         fast = {k: v.detach() for k, v in fast.items()}
         out = self.logits(fast, xq).detach()
         return (self._no_head_grad({k: fast[k] - params[k] for k in params}), F.cross_entropy(out, yq),
@@ -470,11 +474,12 @@ PROTOTYPE_HEAD_ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile")
 
 def create_learner(model: nn.Module, algorithm: str, inner_lr: float = 0.01, inner_steps: int = 5,
                    head: str = "classifier", unroll: bool = False, compile: bool = False,
-                   source_classes: int = 0, head_init: str = "default", reptile_outer: str = "sgd") -> MetaLearner:
+                   source_classes: int = 0, head_init: str = "default", reptile_outer: str = "sgd",
+                   reptile_query: bool = False) -> MetaLearner:
     """The `MetaLearner` of `algorithm` (a key of `ALGORITHMS`) around `model`; `source_classes`: the meta-train
     pool's class count, the size of `multitask`'s pooled head; `head_init="prototype"`: each task's head starts from
     its support prototypes (`MetaLearner.task_init`; algorithms of `PROTOTYPE_HEAD_ALGORITHMS`); `reptile_outer`:
-    Reptile's outer optimizer ("sgd" or "adam")."""
+    Reptile's outer optimizer ("sgd" or "adam"); `reptile_query`: Reptile's inner loop also trains on the query set."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
     if head_init == "prototype" and algorithm not in PROTOTYPE_HEAD_ALGORITHMS:
@@ -484,6 +489,6 @@ def create_learner(model: nn.Module, algorithm: str, inner_lr: float = 0.01, inn
     if head_init == "prototype":
         extra["prototype_head"] = True
     if algorithm == "reptile":
-        extra["outer"] = reptile_outer
+        extra["outer"], extra["use_query"] = reptile_outer, reptile_query
     return ALGORITHMS[algorithm](model, inner_lr=inner_lr, inner_steps=inner_steps, head=head, unroll=unroll,
                                  compile=compile, **extra)
