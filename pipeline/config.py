@@ -89,11 +89,11 @@ class MetaConfig:
     reptile_epsilon: float = 0.5  # Reptile outer step size: θ ← θ + ε·mean(θ̃ − θ)
     # Reptile's outer loop: "sgd" is the paper's θ ← θ + ε·mean(θ̃ − θ); "adam": Adam at outer_lr on the
     # pseudo-gradient −mean(θ̃ − θ), which normalises its scale (inner SGD barely moves a pretrained body)
-    reptile_outer: str = "sgd"
+    reptile_outer: str = "adam"
     # Reptile's inner loop trains on a task's support and query images (Reptile has no other use for the query
     # set; Nichol et al. 2018 meta-trained with more shots than they tested with); meta-validation still adapts on
     # the support set alone and scores the query set
-    reptile_query: bool = False
+    reptile_query: bool = True
     lr_schedule: str = "cosine"  # cosine | constant
     task_mode: str = "within"  # within: a task's classes come from one data set; across: from any
     disjoint_classes: bool = False  # meta-validation on classes held out of meta-training
@@ -105,17 +105,23 @@ class MetaConfig:
     # MAML/Meta-SGD: backprop through all inner steps' graphs instead of the leaner reverse sweep
     unroll: bool = field(default=False, metadata=SPEED)
     # torch.compile the per-task gradient/HVP functions: "auto" compiles when meta.iterations is long enough to repay
-    # the first meta-batch's compile time (`pipeline.device.use_compile`) and a compiler is there; "on" or "off".
-    # Off by default until `auto` measures faster at this code (docs/benchmarks.md)
-    compile: str = field(default="off", metadata=SPEED)
+    # the first meta-batch's compile time (`pipeline.device.use_compile`) and a compiler is there; "on" or "off"
+    compile: str = field(default="auto", metadata=SPEED)
     augment: bool = False  # augment meta-training task images
     bn_recalibration_batches: int = 20  # source batches that re-estimate BatchNorm statistics before saving
     zero_head: bool = True  # start the N-way head at zero: initial loss log(N), no random-head gradients into the body
     rezero_head: bool = False  # zero the head again after every outer step: only the body is meta-learned
     # "prototype": every task's inner loop starts its head from the support set's class means, W_k = 2 c_k,
-    # b_k = -||c_k||^2 (first-order Proto-MAML; maml, fomaml, anil, metasgd, reptile); "default": the meta-learned head
-    head_init: str = "default"
+    # b_k = -||c_k||^2 (first-order Proto-MAML; maml, fomaml, anil, metasgd, reptile); "default": the meta-learned
+    # head; "auto": prototype for reptile (where it was measured to help), default for the others
+    head_init: str = "auto"
     from_run: str = ""  # explicit backbone run id
+
+    def resolved_head_init(self) -> str:
+        """`head_init` with "auto" resolved for `algorithm`: "prototype" for reptile, else "default"."""
+        if self.head_init != "auto":
+            return self.head_init
+        return "prototype" if self.algorithm == "reptile" else "default"
 
 
 @dataclass
@@ -426,7 +432,7 @@ def validate(cfg: PipelineConfig) -> None:
         "finetune.pseudo_augment": (cfg.finetune.pseudo_augment, {"recipe", "strong"}),
         "evaluate.selection_metric": (cfg.evaluate.selection_metric, {"log_loss", "auc"}),
         "finetune.head_init": (cfg.finetune.head_init, {"default", "prototype"}),
-        "meta.head_init": (cfg.meta.head_init, {"default", "prototype"}),
+        "meta.head_init": (cfg.meta.head_init, {"auto", "default", "prototype"}),
         "meta.reptile_outer": (cfg.meta.reptile_outer, {"sgd", "adam"}),
     }
     for key, (val, allowed) in choices.items():

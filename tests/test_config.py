@@ -205,7 +205,7 @@ def test_meta_compile_auto_compiles_long_cpu_runs_when_a_compiler_is_there(tmp_p
     from pipeline.device import use_compile
     cpu = torch.device("cpu")
     assert load_config(None, ["meta.compile=true"]).meta.compile == "on"
-    assert load_config(None, []).meta.compile == "off"
+    assert load_config(None, []).meta.compile == "auto"
     with pytest.raises(ConfigError, match="meta.compile"):
         load_config(None, ["meta.compile=fast"])
     assert use_compile("on", 1, cpu) and not use_compile("off", 10**6, cpu)
@@ -224,3 +224,9 @@ def test_meta_prototype_head_needs_an_inner_loop_algorithm():
     assert load_config(None, ["meta.head_init=prototype"]).meta.head_init == "prototype"  # reptile, the default
     with pytest.raises(ConfigError, match="meta.head_init.*'protonet' has no such loop"):
         load_config(None, ["meta.head_init=prototype", "meta.algorithm=protonet"])
+    # the default, auto: the prototype head for reptile only, so every algorithm runs with the defaults
+    resolved = {a: load_config(None, [f"meta.algorithm={a}"]).meta.resolved_head_init()
+                for a in ("reptile", "anil", "maml", "protonet", "multitask")}
+    assert resolved == {"reptile": "prototype", "anil": "default", "maml": "default", "protonet": "default",
+                        "multitask": "default"}
+    assert load_config(None, ["meta.head_init=default"]).meta.resolved_head_init() == "default"

@@ -129,7 +129,7 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
     mlflow.set_tag("meta.compiled", str(compiled))
     learner = create_learner(model, m.algorithm, m.inner_lr, m.inner_steps, head=head_prefix(model),
                              unroll=m.unroll, compile=compiled, source_classes=tr.n_classes,
-                             head_init=m.head_init, reptile_outer=m.reptile_outer,
+                             head_init=m.resolved_head_init(), reptile_outer=m.reptile_outer,
                              reptile_query=m.reptile_query).to(dev)
     cl = use_channels_last(cfg.channels_last, dev, second_order=learner.double_backward(m.batched))
     if cl:
