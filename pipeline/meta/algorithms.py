@@ -360,7 +360,8 @@ class Reptile(MetaLearner):
 
     def reptile_delta(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, loop: bool = False
                       ) -> tuple[Params, Tensor, Tensor]:
-        """θ̃ − θ after inner SGD on the support set, plus query loss/accuracy of θ̃ (for logging).
+        """θ̃ − θ after inner SGD on the support set (with `use_query`, support and query), plus query loss/accuracy
+        of θ̃ (for logging).
         `loop`: called per task (not under vmap), so the possibly compiled `fn("grad")` may serve."""
         params = self.task_init({k: v.detach() for k, v in params.items()}, xs, ys)  # the head from the support
         x, y = (torch.cat([xs, xq]), torch.cat([ys, yq])) if self.use_query else (xs, ys)
