@@ -16,6 +16,7 @@ from .backbone import head_prefix, zero_head
 from .config import FinetuneConfig
 from .data import DataError, ImageDataset, Split
 from .device import autocast, to_memory_format
+from .meta.algorithms import prototype_linear
 from .metrics import classification_metrics
 
 
@@ -53,11 +54,10 @@ def prototype_head(model: nn.Module, x: torch.Tensor, y: np.ndarray, n_classes: 
     feats = torch.cat([model.forward_head(model.forward_features(to_memory_format(xb.to(dev), channels_last)),
                                           pre_logits=True) for xb in x.split(256)])
     feats = feats.float() if feats.dtype in (torch.float16, torch.bfloat16) else feats
-    y_t = torch.as_tensor(y, device=feats.device)
-    protos = torch.stack([feats[y_t == c].mean(0) for c in range(n_classes)])
+    weight, bias = prototype_linear(feats, torch.as_tensor(y, device=feats.device, dtype=torch.long), n_classes)
     lin = model.get_submodule(head.rstrip("."))
-    lin.weight.copy_(2 * protos.to(lin.weight.dtype))
-    lin.bias.copy_(-(protos ** 2).sum(1).to(lin.bias.dtype))
+    lin.weight.copy_(weight.to(lin.weight.dtype))
+    lin.bias.copy_(bias.to(lin.bias.dtype))
 
 
 @torch.no_grad()

@@ -97,9 +97,8 @@ class MetaLearner(nn.Module):
         b_k = -||c_k||^2, whose logits are -||f - c_k||^2 + ||f||^2 (Proto-MAML, Triantafillou et al. 2020). Held
         fixed (first order: no gradient flows into the means), so the head parameter itself is not meta-learned."""
         w, b = head[f"{self.head}weight"], head[f"{self.head}bias"]
-        protos = class_means(fs.detach(), ys, w.shape[0])
-        return {**head, f"{self.head}weight": (2 * protos).to(w.dtype),
-                f"{self.head}bias": -(protos ** 2).sum(1).to(b.dtype)}
+        pw, pb = prototype_linear(fs.detach(), ys, w.shape[0])
+        return {**head, f"{self.head}weight": pw.to(w.dtype), f"{self.head}bias": pb.to(b.dtype)}
 
     def task_init(self, params: Params, xs: Tensor, ys: Tensor) -> Params:
         """Where a task's inner loop starts: `params`, or with `prototype_head` the same body and a prototype head
@@ -391,6 +390,13 @@ def class_means(fs: Tensor, ys: Tensor, n_ways: int) -> Tensor:
     """(N, D) means of features `fs` per label `ys` in 0..n_ways-1 (the prototypes)."""
     onehot = F.one_hot(ys, n_ways).to(fs.dtype)  # (S, N): class means without data-dependent shapes (vmap)
     return onehot.T @ fs / onehot.sum(0)[:, None]
+
+
+def prototype_linear(fs: Tensor, ys: Tensor, n_ways: int) -> tuple[Tensor, Tensor]:
+    """The linear head (W, b) with W_k = 2 c_k, b_k = -||c_k||^2 for the class means c_k of `fs` per label `ys`: its
+    logits W f + b = -||f - c_k||^2 + ||f||^2 are a prototypical classifier up to a per-image constant."""
+    protos = class_means(fs, ys, n_ways)
+    return 2 * protos, -(protos ** 2).sum(1)
 
 
 def prototype_logits(fs: Tensor, ys: Tensor, fq: Tensor, n_ways: int) -> Tensor:
