@@ -13,7 +13,8 @@ parses printed output, and every run is in the store for the MLflow UI.
     python benchmarks/compare_meta.py --seeds 1 --shots 5 --meta-iterations 2 --set finetune.epochs=1   # toy size
 
 Killed part-way, the same command continues: finished stages are reused (same config, same code), a finetune
-stage keeps its finished jobs (docs/design.md, "Resume"). Prints one JSON object (runs, AUCs, paired differences).
+stage keeps its finished jobs (docs/design.md, "Resume"). Prints one JSON object (runs, AUCs, paired differences and
+the pre-registered rule's verdict).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import mlflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.config import load_config  # noqa: E402
+from pipeline.metrics import seeds_for_half_width  # noqa: E402
 from pipeline.orchestrate import run_pipeline  # noqa: E402
 
 # fixed before the first run (the experiment's file): the meta-learners and their fine-tuning head
@@ -40,6 +42,21 @@ def arm_label(arm: str, meta_ids: dict[str, str]) -> str:
         if base == f"meta-{alg}-{rid[:6]}":
             base = f"meta-{alg}"
     return base + (" + prototype head" if proto else "")
+
+
+def verdict(comparisons: list[dict], meta_ids: dict[str, str], k_max: int = 10, half_width: float = 0.015) -> dict:
+    """The pre-registered rule: a meta arm beats transfer at a k <= k_max if its paired interval lies above zero;
+    otherwise a null, precise if every paired interval at k <= k_max has a half-width <= `half_width`, else imprecise,
+    with the seeds the widest one would need at its observed spread."""
+    at = [c for c in comparisons if isinstance(c["k"], int) and c["k"] <= k_max]
+    label = {id(c): f"{arm_label(c['arm'], meta_ids)} k{c['k']}" for c in at}
+    above = [label[id(c)] for c in at if arm_label(c["arm"], meta_ids).startswith("meta-") and c["ci_low"] > 0]
+    widest = max(at, key=lambda c: c["ci_high"] - c["ci_low"])
+    hw = (widest["ci_high"] - widest["ci_low"]) / 2
+    outcome = "meta beats transfer" if above else ("precise null" if hw <= half_width else "imprecise null")
+    return {"outcome": outcome, "meta_arms_above_zero": above, "widest_interval": label[id(widest)],
+            "widest_half_width": round(hw, 4),
+            "seeds_for_half_width": seeds_for_half_width(widest["ci_low"], widest["ci_high"], widest["n"], half_width)}
 
 
 def main() -> None:
@@ -80,6 +97,7 @@ def main() -> None:
         "paired_vs_transfer": {f"{arm_label(c['arm'], meta_ids)} k{c['k']}": {
             key: (round(v, 4) if isinstance(v, float) else v) for key, v in c.items()
             if key not in ("arm", "reference", "k", "metric")} for c in res["comparisons"]},
+        "verdict": verdict(res["comparisons"], meta_ids),
     }
     print(json.dumps(summary, indent=1))
 

@@ -88,6 +88,21 @@ def mean_ci(values: list[float] | np.ndarray, ci: float = 0.95) -> tuple[float, 
     return m, m - h, m + h
 
 
+def seeds_for_half_width(ci_low: float, ci_high: float, n: int, half_width: float, ci: float = 0.95,
+                         max_seeds: int = 10_000) -> int:
+    """How many paired seeds a Student-t interval of `ci` would need for a half-width of at most `half_width`, at the
+    spread of the observed interval [ci_low, ci_high] over `n` seeds (sd = h·sqrt(n) / t_{n-1}); `max_seeds` if even
+    that many would not do, 0 for an interval without a width (fewer than two seeds)."""
+    h = (ci_high - ci_low) / 2
+    if n < 2 or not math.isfinite(h):
+        return 0
+    sd = h * math.sqrt(n) / stats.t.ppf((1 + ci) / 2, n - 1)
+    for m in range(2, max_seeds + 1):
+        if stats.t.ppf((1 + ci) / 2, m - 1) * sd / math.sqrt(m) <= half_width:
+            return m
+    return max_seeds
+
+
 def paired_comparison(a: np.ndarray, b: np.ndarray, ci: float = 0.95) -> dict[str, float]:
     """a - b on paired observations: mean difference with t-CI, Cohen's d_z and Wilcoxon signed-rank p."""
     d = np.asarray(a, float) - np.asarray(b, float)

@@ -3,7 +3,8 @@ import pytest
 
 from sklearn.metrics import roc_auc_score
 
-from pipeline.metrics import auc_rows, bootstrap_ci, classification_metrics, mean_ci, paired_comparison
+from pipeline.metrics import (auc_rows, bootstrap_ci, classification_metrics, mean_ci, paired_comparison,
+                              seeds_for_half_width)
 
 
 def test_binary_metrics_by_hand():
@@ -89,3 +90,17 @@ def test_mean_ci_and_paired_comparison():
     r = paired_comparison(np.array([0.9, 0.8, 0.85, 0.95, 0.9, 0.88]), np.array([0.8, 0.7, 0.8, 0.9, 0.85, 0.8]))
     assert r["mean_diff"] == pytest.approx(0.43 / 6) and r["wilcoxon_p"] < 0.05
     assert r["ci_low"] > 0 and r["cohens_dz"] > 0
+
+
+def test_seeds_for_half_width_is_the_smallest_seed_count_whose_t_interval_is_narrow_enough():
+    from scipy import stats
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.01, 0.03, 8)
+    r = paired_comparison(d, np.zeros(8))
+    n = seeds_for_half_width(r["ci_low"], r["ci_high"], r["n"], 0.015)
+    sd = d.std(ddof=1)  # the spread the function must recover from the interval alone
+    half = lambda m: stats.t.ppf(0.975, m - 1) * sd / np.sqrt(m)  # noqa: E731
+    assert half(n) <= 0.015 < half(n - 1)
+    assert n > 8  # this spread is too wide for 0.015 at 8 seeds
+    assert seeds_for_half_width(r["ci_low"], r["ci_high"], r["n"], 1.0) == 2
+    assert seeds_for_half_width(float("nan"), float("nan"), 1, 0.015) == 0
