@@ -59,6 +59,39 @@ def verdict(comparisons: list[dict], meta_ids: dict[str, str], k_max: int = 10, 
             "seeds_for_half_width": seeds_for_half_width(widest["ci_low"], widest["ci_high"], widest["n"], half_width)}
 
 
+def run_meta(alg: str, cfg_file: str | None, base: list[str]) -> str:
+    """The meta run of one algorithm (after the backbone stage); its run id."""
+    cfg = load_config(cfg_file, [*base, f"meta.algorithm={alg}"])
+    return run_pipeline(cfg, ["backbone", "meta"])["meta"]["run_id"]
+
+
+def run_finetune(head: str, meta_ids: dict[str, str], cfg_file: str | None, base: list[str],
+                 merge: str | None = None) -> dict:
+    """Finetune run of `transfer` and the bodies of the algorithms fine-tuned with `head`; with `merge` (the other
+    finetune run's id) also the evaluate stage over both. Returns run_pipeline's outputs."""
+    algs = [a for a, h in META.items() if h == head]
+    over = [*base, "finetune.arms=[transfer]", "evaluate.ensemble=false",
+            *(["finetune.head_init=prototype"] if head == "prototype" else []),
+            f"finetune.meta_from_runs=[{','.join(meta_ids[a] for a in algs)}]",
+            *([f"evaluate.merge_runs=[proto={merge}]"] if merge else [])]
+    stages = ["backbone", "finetune", *(["evaluate"] if merge else [])]
+    out = run_pipeline(load_config(cfg_file, over), stages)
+    return out if merge else out["finetune"]["run_id"]
+
+
+def run_part(part: str, cfg_file: str | None, base: list[str]) -> None:
+    """`backbone`, `meta-ALG` or `finetune-HEAD` alone (finetune parts need their meta runs finished; under torchrun
+    the finetune jobs are shared among the processes)."""
+    if part == "backbone":
+        run_pipeline(load_config(cfg_file, base), ["backbone"])
+    elif part.startswith("meta-"):
+        run_meta(part.removeprefix("meta-"), cfg_file, base)
+    else:
+        head = part.removeprefix("finetune-")
+        meta_ids = {a: run_meta(a, cfg_file, base) for a, h in META.items() if h == head}
+        run_finetune(head, meta_ids, cfg_file, base)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--first", type=int, default=20, help="first seed (pre-registered: 20)")
@@ -66,25 +99,20 @@ def main() -> None:
     ap.add_argument("--shots", default="5,10,20", help="k values, comma-separated")
     ap.add_argument("--meta-iterations", type=int, default=0, help="meta.iterations (0: the config's default)")
     ap.add_argument("--config", default="", help="base config file (default: the built-in defaults)")
+    parts = ["all", "backbone", *(f"meta-{a}" for a in META), "finetune-default", "finetune-prototype"]
+    ap.add_argument("--part", default="all", choices=parts, help="run one piece only (default: the whole experiment)")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = ap.parse_args()
     base = [f"finetune.first_seed={args.first}", f"finetune.seeds={args.seeds}", f"finetune.shots=[{args.shots}]",
             *([f"meta.iterations={args.meta_iterations}"] if args.meta_iterations else []), *args.overrides]
     cfg_file = args.config or None
 
-    meta_ids = {}
-    for alg in META:
-        cfg = load_config(cfg_file, [*base, f"meta.algorithm={alg}"])
-        meta_ids[alg] = run_pipeline(cfg, ["backbone", "meta"])["meta"]["run_id"]
-    plain = [a for a, h in META.items() if h == "default"]
-    proto = [a for a, h in META.items() if h == "prototype"]
-    common = [*base, "finetune.arms=[transfer]", "evaluate.ensemble=false"]
-    cfg_b = load_config(cfg_file, [*common, "finetune.head_init=prototype",
-                                   f"finetune.meta_from_runs=[{','.join(meta_ids[a] for a in proto)}]"])
-    run_b = run_pipeline(cfg_b, ["backbone", "finetune"])["finetune"]["run_id"]
-    cfg_a = load_config(cfg_file, [*common, f"finetune.meta_from_runs=[{','.join(meta_ids[a] for a in plain)}]",
-                                   f"evaluate.merge_runs=[proto={run_b}]"])
-    out = run_pipeline(cfg_a, ["backbone", "finetune", "evaluate"])
+    if args.part != "all":  # one piece, to run pieces side by side (the full command then reuses them)
+        run_part(args.part, cfg_file, base)
+        return
+    meta_ids = {alg: run_meta(alg, cfg_file, base) for alg in META}
+    run_b = run_finetune("prototype", meta_ids, cfg_file, base)
+    out = run_finetune("default", meta_ids, cfg_file, base, merge=run_b)
     res = mlflow.artifacts.load_dict(out["evaluate"]["results_uri"])
 
     meta_runs = {a: mlflow.get_run(r).data.metrics for a, r in meta_ids.items()}

@@ -44,7 +44,7 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict[s
             name, ckpt = f"meta-{inputs['meta'].get('algorithm', 'meta')}", meta
         arms[replica_name(f"{name}@{model}" if model else name, rep)] = Arm(ckpt, rep, body)
     for rid in cfg.finetune.meta_from_runs:
-        run = mlflow.get_run(rid)
+        run = main_client().get_run(rid)  # under torchrun, ranks > 0 track elsewhere but read the main store
         name = f"meta-{run.data.tags.get('algorithm', rid[:8])}-{rid[:6]}"
         ckpt = load_checkpoint(download(f"{run.info.artifact_uri}/checkpoint/model.pt"))
         backbones.setdefault(ckpt["model_name"], ckpt)  # its preprocessing: the body's own

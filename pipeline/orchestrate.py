@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 from contextlib import nullcontext
 from typing import Any
 
@@ -20,7 +21,7 @@ from .device import resolve_device
 from .config import PipelineConfig, backbone_models, parse_arm, parse_merge_run, speed_only_keys
 from .preflight import check_inputs
 from .scratch import clean_scratch
-from .tracking import (close_dead_runs, code_version, find_finished_run, git_commit, log_config, main_client,
+from .tracking import (close_dead_runs, code_version, find_finished_run, git_commit, log_config, main_client, main_store_uri,
                        run_outputs, setup_tracking, tracked_run)
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,9 @@ class Runner:
             if rank > 0:  # read the project's store, write to a private one
                 side = distributed.side_store()
                 mlflow.set_tracking_uri(f"sqlite:///{side / 'mlflow.db'}")
+                # set_tracking_uri also exports the side store as $MLFLOW_TRACKING_URI; a later run_pipeline in this
+                # process (benchmarks chain several) must still find the project's store there
+                os.environ["MLFLOW_TRACKING_URI"] = main_store_uri()
                 mlflow.set_experiment(experiment_id=mlflow.create_experiment(
                     self.cfg.experiment, artifact_location=(side / "artifacts").as_uri()))
         multi = len(stages) > 1

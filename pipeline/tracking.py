@@ -32,6 +32,11 @@ def default_tracking_uri() -> str:
 MAIN_STORE = {"uri": ""}  # the project's store; ranks > 0 of a torchrun job log elsewhere but read it
 
 
+def main_store_uri() -> str:
+    """The project's store (set by `setup_tracking`)."""
+    return MAIN_STORE["uri"] or default_tracking_uri()
+
+
 def main_client():
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=MAIN_STORE["uri"] or None)
