@@ -797,3 +797,38 @@ def test_multitask_control_becomes_an_arm_and_never_reads_the_target(tmp_path, r
     assert ckpt["meta_algorithm"] == "multitask" and not any(k.startswith("pooled_head") for k in ckpt["state_dict"])
     jobs = [r for r in rs if r.data.tags.get("pipeline.stage") == "finetune-run"]
     assert {r.data.tags["arm"] for r in jobs} == {"meta-multitask"} and all(r.info.status == "FINISHED" for r in jobs)
+
+
+CHAINED = '''
+import sys
+from pipeline.config import load_config
+from pipeline.orchestrate import run_pipeline
+config, over = sys.argv[1], sys.argv[2:]
+meta = run_pipeline(load_config(config, over), ["backbone", "meta"])["meta"]["run_id"]
+cfg = load_config(config, [*over, "finetune.arms=[transfer]", f"finetune.meta_from_runs=[{meta}]"])
+print("finetune run", run_pipeline(cfg, ["backbone", "finetune"])["finetune"]["run_id"], flush=True)
+'''
+
+
+def test_torchrun_chained_pipelines_fine_tune_a_meta_run_named_by_id(tmp_path, real_data):
+    """Two run_pipeline calls in one torchrun process (as benchmarks chain them), the second fine-tuning the first's
+    meta run through `finetune.meta_from_runs`: every rank finds that run in the project's store, and rank 0 logs
+    the meta arm's jobs there."""
+    script = tmp_path / "chained.py"
+    script.write_text(CHAINED)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    over = [f"data.root={real_data}", "meta.iterations=1", "meta.meta_batch=2", "finetune.shots=[5]",
+            "finetune.seeds=1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), SMOKE, *over], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "rank 1/2 on cpu: 1 of 2 runs" in p.stdout
+    rs = runs(uri, "fewshot-medmeta-smoke")
+    meta = [r for r in rs if r.data.tags.get("pipeline.stage") == "meta"]
+    ft = [r for r in rs if r.data.tags.get("pipeline.stage") == "finetune"]
+    assert len(meta) == 1 and len(ft) == 1 and ft[0].info.status == "FINISHED"  # other ranks logged elsewhere
+    jobs = {r.data.tags["arm"] for r in rs if r.data.tags.get("pipeline.stage") == "finetune-run"
+            and r.info.status == "FINISHED" and "test_auc" in r.data.metrics}
+    assert jobs == {"transfer", f"meta-{meta[0].data.tags['algorithm']}-{meta[0].info.run_id[:6]}"}
