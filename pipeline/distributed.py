@@ -54,9 +54,11 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def shard(items: list) -> list:
-    """This rank's share of independent jobs (round robin, so every rank gets a mix of sizes)."""
-    rank, size = world()
+def shard(items: list, rank: int | None = None, size: int | None = None) -> list:
+    """This rank's share of independent jobs, round robin: any run of consecutive items is split evenly (within
+    one), so items grouped by kind give every rank its share of each kind."""
+    if rank is None or size is None:
+        rank, size = world()
     return items[rank::size]
 
 

@@ -12,7 +12,7 @@ from pipeline import distributed
 from pipeline.config import PipelineConfig
 from pipeline.data import load_target
 from pipeline.device import configure, device_name, resolve_device, use_channels_last
-from pipeline.finetune import plan_jobs, prepare_inputs, train_job
+from pipeline.finetune import plan_jobs, prepare_inputs, shard_jobs, train_job
 from pipeline.finetune_runs import JobLogger, finished_jobs, job_run, load_arms, log_epoch, register_best
 from pipeline.scratch import scratch_dir
 
@@ -42,7 +42,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     t_start = time.time()
     results = {}
     if world > 1:  # each rank trains its share; rank 0 receives the results and logs every run, in job order
-        mine = distributed.shard([job for job in jobs if job not in done])
+        mine = shard_jobs([job for job in jobs if job not in done])
         print(f"[finetune] rank {rank}/{world} on {dev}: {len(mine)} of {len(jobs)} runs", flush=True)
         results = {job: replace(train_job(data[arms[job.arm].model], ft, job, arms[job.arm], cfg.seed, **speed),
                                     model=None) for job in mine}

@@ -1,10 +1,11 @@
 """The finetune stage's sweep plan: seed ranges (finetune.first_seed), the per-seed subsets they rely on, and
 replica arms (`<arm>.r<n>`): the same subsets, another training seed."""
 import numpy as np
+import pytest
 import torch
 
 from pipeline.config import FinetuneConfig
-from pipeline.finetune import build_arm_model, build_job_transform, job_seed, job_subsets, plan_jobs
+from pipeline.finetune import build_arm_model, build_job_transform, job_seed, job_subsets, plan_jobs, shard_jobs
 
 
 def test_a_later_seed_range_plans_exactly_the_missing_jobs():
@@ -41,3 +42,18 @@ def test_a_replica_trains_with_another_seed_on_the_same_subsets():
     ft = FinetuneConfig()
     ta, tb = (build_job_transform(ft, 32, dinfo, job_seed(5, r)) for r in (0, 1))
     assert not torch.equal(ta(img), tb(img))  # other augmentation draws
+
+
+@pytest.mark.parametrize("size,seeds,arms", [(2, 8, 2), (2, 5, 2), (3, 4, 3), (4, 3, 2)])
+def test_shard_jobs_gives_every_rank_its_share_of_each_arm_and_k(size, seeds, arms):
+    """The ranks' shares partition the jobs, and each rank holds within one job of 1/size of every (k, arm) group
+    (round robin over the seed-major plan gave one of 2 ranks every job of one of 2 arms)."""
+    ft = FinetuneConfig(shots=[5, 20], seeds=seeds, first_seed=3)
+    jobs = plan_jobs(ft, [f"arm{i}" for i in range(arms)])
+    shares = [shard_jobs(jobs, r, size) for r in range(size)]
+    assert sorted(j for s in shares for j in s) == sorted(jobs)
+    for share in shares:
+        for k in ft.shots:
+            for a in range(arms):
+                n = sum(j.k == k and j.arm == f"arm{a}" for j in share)
+                assert abs(n - seeds / size) < 1, (k, a, n)
