@@ -118,12 +118,12 @@ def plan_jobs(ft: FinetuneConfig, arms: list[str]) -> list[Job]:
     return [Job(k, s, arm) for k in ft.shots for s in range(ft.first_seed, ft.first_seed + ft.seeds) for arm in arms]
 
 
-
 def shard_jobs(jobs: list[Job], rank: int | None = None, size: int | None = None) -> list[Job]:
     """This torchrun rank's share of `jobs`: sorted by (k, arm, seed) and dealt round robin, so each rank gets
     its share of every (k, arm) group within one job (their costs differ by both; dealt in plan order, seed-major,
     2 arms on 2 ranks gave one rank every job of one arm)."""
     return distributed.shard(sorted(jobs, key=lambda j: (j.k, j.arm, j.seed)), rank, size)
+
 
 def build_arm_model(ckpt: dict | None, model_name: str, n_classes: int, split_seed: int) -> nn.Module:
     """An arm's initial model (ckpt None: random init) with a head seeded from the job's split seed; also seeds

@@ -21,8 +21,8 @@ from .device import resolve_device
 from .config import PipelineConfig, backbone_models, parse_arm, parse_merge_run, speed_only_keys
 from .preflight import check_inputs
 from .scratch import clean_scratch
-from .tracking import (close_dead_runs, code_version, find_finished_run, git_commit, log_config, main_client, main_store_uri,
-                       run_outputs, setup_tracking, tracked_run)
+from .tracking import (close_dead_runs, code_version, find_finished_run, git_commit, log_config, main_client,
+                       main_store_uri, run_outputs, setup_tracking, tracked_run)
 
 log = logging.getLogger(__name__)
 
