@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
 from .backbone import build_from_checkpoint, create_backbone, head_prefix, resolve_data_info
 from .config import FinetuneConfig, PipelineConfig
 from .data import DataError, ImageDataset, LabeledData, Split, sample_kshot
@@ -118,11 +117,13 @@ def plan_jobs(ft: FinetuneConfig, arms: list[str]) -> list[Job]:
     return [Job(k, s, arm) for k in ft.shots for s in range(ft.first_seed, ft.first_seed + ft.seeds) for arm in arms]
 
 
-def shard_jobs(jobs: list[Job], rank: int | None = None, size: int | None = None) -> list[Job]:
-    """This torchrun rank's share of `jobs`: sorted by (k, arm, seed) and dealt round robin, so each rank gets
-    its share of every (k, arm) group within one job (their costs differ by both; dealt in plan order, seed-major,
-    2 arms on 2 ranks gave one rank every job of one arm)."""
-    return distributed.shard(sorted(jobs, key=lambda j: (j.k, j.arm, j.seed)), rank, size)
+def job_rounds(jobs: list[Job], size: int) -> list[list[Job]]:
+    """`jobs` for `size` torchrun ranks in rounds of one job per rank (rank r trains `round[r]`), sorted by
+    (k, arm, seed) so that each rank gets its share of every (k, arm) group, whose costs differ (dealt in plan
+    order, seed-major, 2 arms on 2 ranks gave one rank every job of one arm). Rank 0 logs each round as it ends,
+    so a killed run keeps every round but the one in flight."""
+    order = sorted(jobs, key=lambda j: (j.k, j.arm, j.seed))
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 def build_arm_model(ckpt: dict | None, model_name: str, n_classes: int, split_seed: int) -> nn.Module:

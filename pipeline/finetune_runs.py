@@ -182,9 +182,11 @@ class JobLogger:
         print(f"[finetune] {job.name}: kept from run {entry['run_id']} (finished before the stage was interrupted), "
               f"test AUC {entry['test_auc']:.3f}", flush=True)
 
-    def write_index(self) -> None:
-        """`predictions/index.json` and every CSV into the stage run: the full set the evaluate stage reads."""
+    def write_index(self, jobs: list[Job]) -> None:
+        """`predictions/index.json` (its runs in the order of `jobs`, however they were trained) and every CSV into
+        the stage run: the full set the evaluate stage reads."""
         ft, t = self.ft, self.data.target
+        self.index.sort(key=lambda r: jobs.index(Job(r["k"], r["seed"], r["arm"])))
         meta = {"class_names": t.class_names, "dataset": t.name, "source": t.source, "arms": list(self.arms),
                 "shots": ft.shots, "seeds": ft.seeds, "first_seed": ft.first_seed, "runs": self.index}
         (self.out_dir / "index.json").write_text(json.dumps(meta, indent=1))

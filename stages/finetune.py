@@ -12,7 +12,7 @@ from pipeline import distributed
 from pipeline.config import PipelineConfig
 from pipeline.data import load_target
 from pipeline.device import configure, device_name, resolve_device, use_channels_last
-from pipeline.finetune import plan_jobs, prepare_inputs, shard_jobs, train_job
+from pipeline.finetune import job_rounds, plan_jobs, prepare_inputs, train_job
 from pipeline.finetune_runs import JobLogger, finished_jobs, job_run, load_arms, log_epoch, register_best
 from pipeline.scratch import scratch_dir
 
@@ -37,30 +37,33 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     logger = JobLogger(data, ft, arms, out_dir)
     speed = {"dev": dev, "channels_last": cl, "num_workers": cfg.num_workers, "compile": cfg.compile}
     key = mlflow.active_run().data.tags.get("pipeline.stage_key", "")
-    done = finished_jobs(key, out_dir, ft.log_models) if inputs.get("resume", True) else {}  # resume
+    resume = inputs.get("resume", True) and rank == 0  # rank 0 reads the store; every rank gets its plan
+    done = finished_jobs(key, out_dir, ft.log_models) if resume else {}
     jobs = plan_jobs(ft, list(arms))
     t_start = time.time()
-    results = {}
-    if world > 1:  # each rank trains its share; rank 0 receives the results and logs every run, in job order
-        mine = shard_jobs([job for job in jobs if job not in done])
-        print(f"[finetune] rank {rank}/{world} on {dev}: {len(mine)} of {len(jobs)} runs", flush=True)
-        results = {job: replace(train_job(data[arms[job.arm].model], ft, job, arms[job.arm], cfg.seed, **speed),
-                                    model=None) for job in mine}
-        gathered = distributed.gather_to_main(results)
-        if gathered is None:
+    todo = distributed.from_main([job for job in jobs if job not in done])
+    if world > 1:  # one job per rank per round; rank 0 logs each round as it ends, so a killed run keeps those
+        rounds = job_rounds(todo, world)
+        print(f"[finetune] rank {rank}/{world} on {dev}: {sum(len(r) > rank for r in rounds)} of {len(jobs)} runs",
+              flush=True)
+        for batch in rounds:
+            mine = {job: replace(train_job(data[arms[job.arm].model], ft, job, arms[job.arm], cfg.seed, **speed),
+                                 model=None) for job in batch[rank:rank + 1]}
+            for part in distributed.gather_to_main(mine) or []:  # None on ranks > 0
+                for job, res in part.items():
+                    with job_run(job, arms[job.arm].model, target.name, key):
+                        logger.log(res, live=False)
+        if rank > 0:
             return {}
-        results = {j: r for part in gathered for j, r in part.items()}
+        todo = []
     for job in jobs:  # in job order; one process trains here, its curves going to MLflow live, epoch by epoch
         if job in done:
             logger.keep(job, done[job])
-            continue
-        arm = arms[job.arm]
-        with job_run(job, arm.model, target.name, key):
-            if job in results:
-                logger.log(results[job], live=False)
-            else:
+        elif job in todo:
+            arm = arms[job.arm]
+            with job_run(job, arm.model, target.name, key):
                 logger.log(train_job(data[arm.model], ft, job, arm, cfg.seed, on_epoch=log_epoch, **speed), live=True)
-    logger.write_index()
+    logger.write_index(jobs)
     mlflow.log_metric("finetune_seconds", time.time() - t_start)
     out = {"predictions_uri": mlflow.get_artifact_uri("predictions"),
            "val_predictions_uri": mlflow.get_artifact_uri("val_predictions")}

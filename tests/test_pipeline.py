@@ -530,6 +530,66 @@ def test_torchrun_finetune_spreads_runs_and_equals_single_process(tmp_path, real
     assert all("test_auc" in r.data.metrics and "val_auc" in r.data.metrics for r in children)
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process descended from it, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we read
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def test_torchrun_finetune_killed_by_sigkill_keeps_logged_rounds_and_equals_single_process(tmp_path, real_data):
+    """SIGKILL a 2-process torchrun finetune (launcher and workers) once rank 0 has logged a round of jobs; the same
+    torchrun command again keeps those jobs' runs, trains only the rest, and gives the predictions of one process
+    running every job uninterrupted."""
+    args = ["--config", SMOKE, "--set", f"data.root={real_data}", "--set", "finetune.arms=[scratch,transfer]",
+            "--set", "finetune.shots=[5]", "--set", "finetune.seeds=3"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli(["run", "--stage", "backbone", *args], tmp_path, uri)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "pipeline", "run", "--stage", "finetune", *args]
+    proc = subprocess.Popen(torchrun, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 600
+    # 6 jobs in 3 rounds of 2; job.json is a job's last artifact, written by rank 0 once the round has ended
+    while time.time() < deadline and proc.poll() is None and len(list(tmp_path.glob("**/job.json"))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finetune finished before it could be killed"
+    # torch's launcher starts each worker in a session of its own: kill the whole tree, as a lost machine would
+    tree = process_tree(proc.pid)
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    before = {r.info.run_id: r for r in runs(uri, "fewshot-medmeta-smoke")}
+    kept = {rid for rid, r in before.items() if r.data.tags.get("pipeline.stage") == "finetune-run"
+            and r.info.status == "FINISHED"}
+    assert 1 <= len(kept) < 6
+
+    p = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("kept from run") == len(kept) and f"{(6 - len(kept) + 1) // 2} of 6 runs" in p.stdout
+    after = {r.info.run_id: r for r in runs(uri, "fewshot-medmeta-smoke")}
+    assert all(after[rid].info.end_time == before[rid].info.end_time for rid in kept)
+    assert sum(r.data.tags.get("pipeline.stage") == "finetune-run" and r.info.status == "FINISHED"
+               for r in after.values()) == 6
+    cli(["run", "--stage", "finetune", "--force", *args], tmp_path, uri, env={"OMP_NUM_THREADS": "1"})
+    resumed, single = finetune_predictions(uri, "fewshot-medmeta-smoke")
+    assert sorted(resumed) == sorted(single) == sorted(f"{a}_k5_seed{s}.csv" for a in ("scratch", "transfer")
+                                                       for s in (0, 1, 2))
+    for name in single:
+        np.testing.assert_allclose(resumed[name].values, single[name].values, rtol=0, atol=1e-6, err_msg=name)
+
+
 def test_predict_with_registered_model_matches_test_predictions(smoke):
     """`predict` on a registered model, with the preprocessing stored beside it, reproduces the finetune
     stage's own test-set probabilities for the same images."""
