@@ -54,14 +54,6 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def shard(items: list, rank: int | None = None, size: int | None = None) -> list:
-    """This rank's share of independent jobs, round robin: any run of consecutive items is split evenly (within
-    one), so items grouped by kind give every rank its share of each kind."""
-    if rank is None or size is None:
-        rank, size = world()
-    return items[rank::size]
-
-
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's `obj` on rank 0 (in rank order), None elsewhere; [obj] for a plain run."""
     rank, size = world()
