@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -530,23 +531,6 @@ def test_torchrun_finetune_spreads_runs_and_equals_single_process(tmp_path, real
     assert all("test_auc" in r.data.metrics and "val_auc" in r.data.metrics for r in children)
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and every process descended from it, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we read
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
 def test_torchrun_finetune_killed_by_sigkill_keeps_logged_rounds_and_equals_single_process(tmp_path, real_data):
     """SIGKILL a 2-process torchrun finetune (launcher and workers) once rank 0 has logged a round of jobs; the same
     torchrun command again keeps those jobs' runs, trains only the rest, and gives the predictions of one process
@@ -566,9 +550,9 @@ def test_torchrun_finetune_killed_by_sigkill_keeps_logged_rounds_and_equals_sing
         time.sleep(0.05)
     assert proc.poll() is None, "finetune finished before it could be killed"
     # torch's launcher starts each worker in a session of its own: kill the whole tree, as a lost machine would
-    tree = process_tree(proc.pid)
-    for pid in tree:
-        os.kill(pid, signal.SIGKILL)
+    launcher = psutil.Process(proc.pid)
+    for victim in [launcher, *launcher.children(recursive=True)]:
+        victim.kill()
     proc.communicate(timeout=60)
     before = {r.info.run_id: r for r in runs(uri, "fewshot-medmeta-smoke")}
     kept = {rid for rid, r in before.items() if r.data.tags.get("pipeline.stage") == "finetune-run"
