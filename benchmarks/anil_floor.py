@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from meta_throughput import episodes  # noqa: E402
+from meta_throughput import add_task_args, episodes  # noqa: E402
 from pipeline.backbone import create_backbone, head_prefix, resolve_data_info  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.device import use_channels_last, use_compile  # noqa: E402
@@ -34,14 +34,7 @@ from pipeline.meta import create_learner  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tf_efficientnet_lite0")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--ways", type=int, default=5)
-    ap.add_argument("--shots", type=int, default=5)
-    ap.add_argument("--queries", type=int, default=15)
-    ap.add_argument("--inner-steps", type=int, default=5)
-    ap.add_argument("--inner-lr", type=float, default=0.01)
-    ap.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
+    add_task_args(ap)
     ap.add_argument("--rounds", type=int, default=12, help="timed meta-batches per method, taken in turns")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])

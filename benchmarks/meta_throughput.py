@@ -128,8 +128,8 @@ def bench(name, step, batches, dev, tasks, results, cl):
           f"{'channels-last' if cl else 'contiguous   '}   warm-up meta-batch {warm:6.1f} s", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_task_args(ap: argparse.ArgumentParser) -> None:
+    """The model and episode settings every meta-learning benchmark here shares."""
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--ways", type=int, default=5)
@@ -138,6 +138,11 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, default=5)
     ap.add_argument("--inner-lr", type=float, default=0.01)
     ap.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_args(ap)
     ap.add_argument("--iters", type=int, default=3, help="timed meta-batches per method (after one warm-up)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batched", action="store_true",
