@@ -12,6 +12,9 @@ parses printed output, and every run is in the store for the MLflow UI.
     PIPELINE_DATA_ROOT=../shared/data python benchmarks/compare_meta.py                 # the pre-registered run
     python benchmarks/compare_meta.py --seeds 1 --shots 5 --meta-iterations 2 --set finetune.epochs=1   # toy size
 
+`--merge-default` / `--merge-prototype` score finetune runs of other seed ranges (`--first`) with this one's, as
+one comparison (docs/experiments/18-meta-vs-transfer-43-seeds.md).
+
 Killed part-way, the same command continues: finished stages are reused (same config, same code), a finetune
 stage keeps its finished jobs (docs/design.md, "Resume"). Prints one JSON object (runs, AUCs, paired differences and
 the pre-registered rule's verdict).
@@ -66,14 +69,15 @@ def run_meta(alg: str, cfg_file: str | None, base: list[str]) -> str:
 
 
 def run_finetune(head: str, meta_ids: dict[str, str], cfg_file: str | None, base: list[str],
-                 merge: str | None = None) -> dict:
-    """Finetune run of `transfer` and the bodies of the algorithms fine-tuned with `head`; with `merge` (the other
-    finetune run's id) also the evaluate stage over both. Returns run_pipeline's outputs."""
+                 merge: list[str] | None = None) -> dict:
+    """Finetune run of `transfer` and the bodies of the algorithms fine-tuned with `head`; with `merge` (further
+    finetune runs as `evaluate.merge_runs` entries) also the evaluate stage over all of them. Returns run_pipeline's
+    outputs."""
     algs = [a for a, h in META.items() if h == head]
     over = [*base, "finetune.arms=[transfer]", "evaluate.ensemble=false",
             *(["finetune.head_init=prototype"] if head == "prototype" else []),
             f"finetune.meta_from_runs=[{','.join(meta_ids[a] for a in algs)}]",
-            *([f"evaluate.merge_runs=[proto={merge}]"] if merge else [])]
+            *([f"evaluate.merge_runs=[{','.join(merge)}]"] if merge else [])]
     stages = ["backbone", "finetune", *(["evaluate"] if merge else [])]
     out = run_pipeline(load_config(cfg_file, over), stages)
     return out if merge else out["finetune"]["run_id"]
@@ -101,6 +105,11 @@ def main() -> None:
     ap.add_argument("--config", default="", help="base config file (default: the built-in defaults)")
     parts = ["all", "backbone", *(f"meta-{a}" for a in META), "finetune-default", "finetune-prototype"]
     ap.add_argument("--part", default="all", choices=parts, help="run one piece only (default: the whole experiment)")
+    ap.add_argument("--merge-default", action="append", default=[], metavar="RUN_ID",
+                    help="a default-head finetune run of this experiment on other seeds (--first), scored with this "
+                         "one's (evaluate.merge_runs; repeatable)")
+    ap.add_argument("--merge-prototype", action="append", default=[], metavar="RUN_ID",
+                    help="the same for a prototype-head finetune run (scored under the tag 'proto')")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = ap.parse_args()
     base = [f"finetune.first_seed={args.first}", f"finetune.seeds={args.seeds}", f"finetune.shots=[{args.shots}]",
@@ -112,7 +121,8 @@ def main() -> None:
         return
     meta_ids = {alg: run_meta(alg, cfg_file, base) for alg in META}
     run_b = run_finetune("prototype", meta_ids, cfg_file, base)
-    out = run_finetune("default", meta_ids, cfg_file, base, merge=run_b)
+    merge = [*args.merge_default, f"proto={run_b}", *(f"proto={r}" for r in args.merge_prototype)]
+    out = run_finetune("default", meta_ids, cfg_file, base, merge=merge)
     res = mlflow.artifacts.load_dict(out["evaluate"]["results_uri"])
 
     meta_runs = {a: mlflow.get_run(r).data.metrics for a, r in meta_ids.items()}
