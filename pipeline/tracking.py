@@ -156,9 +156,13 @@ def _process_start(pid: int) -> float | None:
 
 def process_tags() -> dict[str, str]:
     """Tags that say which process owns a run (host, pid, process start time), so a later process can tell a run
-    left RUNNING by a dead process from a live one (`close_dead_runs`)."""
+    left RUNNING by a dead process from a live one (`close_dead_runs`), and how many threads its torch computes with:
+    on the CPU, reductions split by thread, so a run's figures are reproduced exactly only at the same count
+    (`OMP_NUM_THREADS`; torchrun sets 1 per process)."""
+    import torch
     return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid()),
-            "pipeline.pid_start": f"{_process_start(os.getpid()):.3f}"}
+            "pipeline.pid_start": f"{_process_start(os.getpid()):.3f}",
+            "pipeline.torch_threads": str(torch.get_num_threads())}
 
 
 def close_dead_runs(client=None) -> list[str]:

@@ -72,3 +72,17 @@ def test_processes_starting_together_on_a_fresh_store_all_succeed(tmp_path):
         outs = [p.communicate(timeout=300) for p in procs]
         assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
         assert len({o[0].strip() for o in outs}) == 1
+
+
+def test_runs_record_the_torch_thread_count_of_their_process(tmp_path):
+    """CPU figures are exact only at the same thread count, so every run says which it had (OMP_NUM_THREADS)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    seen = {}
+    for n in ("1", "2"):
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": n}
+        p = subprocess.Popen([sys.executable, "-c", OPEN_RUN, "dies"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             text=True)
+        run_id = p.stdout.readline().strip()
+        p.wait(timeout=60)
+        seen[n] = MlflowClient(uri).get_run(run_id).data.tags.get("pipeline.torch_threads")
+    assert seen == {"1": "1", "2": "2"}
