@@ -139,7 +139,9 @@ class FinetuneConfig:
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (add seeds to an experiment without redoing any)
     val_per_class: int = 50  # labelled validation images per class for model selection (0 = whole split)
     image_size: int = 128  # side length for fine-tuning and test (0 = data.image_size): upsampled for ImageNet bodies
-    epochs: int = 30  # fine-tuning epochs (early stopping may end sooner)
+    # fine-tuning epochs (early stopping may end sooner); 0 with head_init=prototype: no training, the frozen body
+    # with the nearest-class-mean classifier of the k labelled images (ProtoNet's test-time rule)
+    epochs: int = 30
     warmup_epochs: int = 5  # linear probe (body frozen) before the full fine-tune
     batch_size: int = 32  # training batch size (at most the training set)
     lr_head: float = 3e-3  # AdamW learning rate of the head (cosine decay after the warm-up)
@@ -466,7 +468,7 @@ def validate(cfg: PipelineConfig) -> None:
         "finetune.seeds": cfg.finetune.seeds, "finetune.batch_size": cfg.finetune.batch_size,
     }
     positive |= {
-        "finetune.epochs": cfg.finetune.epochs, "finetune.patience": cfg.finetune.patience,
+        "finetune.patience": cfg.finetune.patience,
         "finetune.min_steps_per_epoch": cfg.finetune.min_steps_per_epoch, "meta.inner_steps": cfg.meta.inner_steps,
         "meta.val_every": cfg.meta.val_every, "meta.val_tasks": cfg.meta.val_tasks,
         "meta.checkpoint_every": cfg.meta.checkpoint_every, "data.min_image_size": cfg.data.min_image_size,
@@ -475,7 +477,7 @@ def validate(cfg: PipelineConfig) -> None:
         if val < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {val}")
     non_negative = {
-        "finetune.warmup_epochs": cfg.finetune.warmup_epochs, "finetune.val_per_class": cfg.finetune.val_per_class,
+        "finetune.epochs": cfg.finetune.epochs, "finetune.warmup_epochs": cfg.finetune.warmup_epochs, "finetune.val_per_class": cfg.finetune.val_per_class,
         "finetune.lr_body": cfg.finetune.lr_body, "finetune.weight_decay": cfg.finetune.weight_decay,
         "meta.iterations": cfg.meta.iterations, "meta.bn_recalibration_batches": cfg.meta.bn_recalibration_batches,
         "evaluate.bootstrap": cfg.evaluate.bootstrap, "num_workers": cfg.num_workers,
@@ -520,6 +522,10 @@ def validate(cfg: PipelineConfig) -> None:
     for key in ("pseudo_per_class", "pseudo_pool", "pseudo_warmup_epochs"):
         if getattr(cfg.finetune, key) < 0:
             raise ConfigError(f"config key 'finetune.{key}' must be >= 0, got {getattr(cfg.finetune, key)}")
+    if cfg.finetune.epochs == 0 and cfg.finetune.head_init != "prototype":
+        raise ConfigError("config key 'finetune.epochs' is 0 (no training), which leaves the head as initialised; "
+                          "set finetune.head_init=prototype (the nearest-class-mean classifier on the frozen body) "
+                          "or finetune.epochs >= 1")
     if cfg.finetune.pseudo_rounds < 1:
         raise ConfigError(f"config key 'finetune.pseudo_rounds' must be >= 1, got {cfg.finetune.pseudo_rounds}")
     if cfg.finetune.pseudo_per_class and cfg.finetune.pseudo_epochs < 1:

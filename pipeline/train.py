@@ -88,7 +88,7 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
 
     `x_val` holds the validation images already transformed (`stack_inputs`): one eval-transform pass per stage,
     not per epoch. `head_inputs`: the labelled images (eval-transformed) and labels that `finetune.head_init=prototype`
-    builds the head from."""
+    builds the head from. `ft.epochs=0`: no gradient step; the model is scored on validation as it is."""
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -102,6 +102,9 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
         prototype_head(model, *head_inputs, n_classes, head, dev, channels_last)
     elif ft.zero_head:
         zero_head(model, head)
+    if ft.epochs == 0:  # no training: the model as initialised (with a prototype head, ProtoNet's test-time rule)
+        vm = classification_metrics(val_labels, predict_proba(net, x_val, dev, channels_last=channels_last, tta=ft.tta))
+        return FitResult(-1, vm["auc"])
     opt = torch.optim.AdamW([{"params": body_p, "lr": ft.lr_body}, {"params": head_p, "lr": ft.lr_head}],
                             weight_decay=ft.weight_decay)
     warm, total = min(ft.warmup_epochs, ft.epochs), ft.epochs

@@ -234,7 +234,8 @@ def test_a_failing_stage_ends_its_runs_failed_with_the_error(tmp_path, real_data
 
 @pytest.mark.parametrize("override,msg", [
     ("backbone.model=resnet999", "'resnet999' is not a timm model (close matches: resnet50"),
-    ("finetune.epochs=0", "'finetune.epochs' must be >= 1"),
+    ("finetune.epochs=-1", "'finetune.epochs' must be >= 0"),
+    ("finetune.epochs=0", "set finetune.head_init=prototype (the nearest-class-mean classifier"),
     ("meta.ways=9", "no 9-way task can be drawn"),
 ])
 def test_config_and_source_problems_stop_before_any_stage(tmp_path, real_data, override, msg):

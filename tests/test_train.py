@@ -194,3 +194,37 @@ def test_prototype_head_logits_are_negative_squared_distances_up_to_a_per_image_
     torch.testing.assert_close(const, const[:, :1].expand_as(const), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(const[:, 0], (fq ** 2).sum(1), rtol=1e-10, atol=1e-10)
     assert not torch.allclose(protos[0], protos[1])  # distinct prototypes: the check above is not trivial
+
+
+def test_zero_epochs_with_a_prototype_head_is_the_frozen_nearest_class_mean_classifier():
+    """finetune.epochs=0, head_init=prototype: no gradient step. The body is the initial one to the bit, the head is
+    built from the labelled images' class means, the predicted class is the nearest mean, and the validation AUC
+    reported is that model's."""
+    from pipeline.metrics import classification_metrics
+    train, x_val, va_y, ft = setup()
+    ft = replace(ft, epochs=0, head_init="prototype")
+    model = tiny(seed=3, dtype=torch.float32, n_classes=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x_lab = torch.stack([train[i][0] for i in range(len(train))])
+    res = fit(model, train, x_val, va_y, ft, CPU, seed=5, head="classifier", n_classes=2,
+              head_inputs=(x_lab, train.labels))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("classifier."))
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    assert res.best_epoch == -1 and res.history == []
+    model.eval()
+    with torch.no_grad():
+        f_lab = model.forward_head(model.forward_features(x_lab), pre_logits=True)
+        means = torch.stack([f_lab[torch.as_tensor(train.labels) == c].mean(0) for c in range(2)])
+        f_val = model.forward_head(model.forward_features(x_val), pre_logits=True)
+    nearest = torch.cdist(f_val, means).argmin(1).numpy()
+    prob = predict_proba(model, x_val, CPU)
+    assert (prob.argmax(1) == nearest).all() and len(set(nearest)) == 2  # both classes predicted: not trivial
+    assert res.best_val_auc == pytest.approx(classification_metrics(va_y, prob)["auc"], abs=1e-12)
+
+
+def test_zero_epochs_need_the_prototype_head():
+    from pipeline.config import ConfigError, load_config
+    assert load_config(None, ["finetune.epochs=0", "finetune.head_init=prototype"]).finetune.epochs == 0
+    with pytest.raises(ConfigError, match="finetune.head_init=prototype"):
+        load_config(None, ["finetune.epochs=0"])
