@@ -91,10 +91,13 @@ def main() -> None:
     if args.part == "backbone":
         run_pipeline(load_config(cfg_file, base), ["backbone"])
         return
+    if args.part == "transfer":  # needs no meta run
+        run_finetune(False, "", cfg_file, base)
+        return
     protonet = run_meta("protonet", cfg_file, base)
-    if args.part in ("meta-protonet", "transfer", "frozen"):
-        if args.part != "meta-protonet":
-            run_finetune(args.part == "frozen", protonet, cfg_file, base)
+    if args.part in ("meta-protonet", "frozen"):
+        if args.part == "frozen":
+            run_finetune(True, protonet, cfg_file, base)
         return
     run_b = run_finetune(True, protonet, cfg_file, base)
     merge = [*args.merge_transfer, f"proto={run_b}", *(f"proto={r}" for r in args.merge_frozen)]
