@@ -46,11 +46,12 @@ def label(arm: str, ids: dict[str, str]) -> str:
 
 
 def run_finetune(frozen: bool, protonet: str, cfg_file: str | None, base: list[str],
-                 merge: list[str] | None = None) -> dict | str:
-    """Run A (`frozen=False`: transfer, fine-tuned) or B (transfer and the ProtoNet body, frozen, nearest prototype);
-    with `merge`, also the evaluate stage over the runs it names. Returns run_pipeline's outputs, or the run id."""
+                 merge: list[str] | None = None, frozen_set: list[str] = ()) -> dict | str:
+    """Run A (`frozen=False`: transfer, fine-tuned) or B (transfer and the ProtoNet body, frozen, nearest prototype,
+    with `frozen_set` overrides); with `merge`, also the evaluate stage over the runs it names. Returns run_pipeline's
+    outputs, or the run id."""
     over = [*base, "finetune.arms=[transfer]", "evaluate.ensemble=false",
-            *([*FROZEN, f"finetune.meta_from_runs=[{protonet}]"] if frozen else []),
+            *([*FROZEN, f"finetune.meta_from_runs=[{protonet}]", *frozen_set] if frozen else []),
             *([f"evaluate.merge_runs=[{','.join(merge)}]"] if merge else [])]
     out = run_pipeline(load_config(cfg_file, over), ["backbone", "finetune", *(["evaluate"] if merge else [])])
     return out if merge else out["finetune"]["run_id"]
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--merge-frozen", action="append", default=[], metavar="RUN_ID",
                     help="a frozen nearest-prototype run (run B) of other seeds, scored with this one's (repeatable)")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--frozen-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for the frozen run B only (experiment 19's amendment: finetune.image_size=0)")
     args = ap.parse_args()
     base = [f"finetune.first_seed={args.first}", f"finetune.seeds={args.seeds}", f"finetune.shots=[{args.shots}]",
             *([f"meta.iterations={args.meta_iterations}"] if args.meta_iterations else []), *args.overrides]
@@ -97,9 +100,9 @@ def main() -> None:
     protonet = run_meta("protonet", cfg_file, base)
     if args.part in ("meta-protonet", "frozen"):
         if args.part == "frozen":
-            run_finetune(True, protonet, cfg_file, base)
+            run_finetune(True, protonet, cfg_file, base, frozen_set=args.frozen_set)
         return
-    run_b = run_finetune(True, protonet, cfg_file, base)
+    run_b = run_finetune(True, protonet, cfg_file, base, frozen_set=args.frozen_set)
     merge = [*args.merge_transfer, f"proto={run_b}", *(f"proto={r}" for r in args.merge_frozen)]
     out = run_finetune(False, protonet, cfg_file, base, merge=merge)
     res = mlflow.artifacts.load_dict(out["evaluate"]["results_uri"])
