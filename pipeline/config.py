@@ -477,7 +477,8 @@ def validate(cfg: PipelineConfig) -> None:
         if val < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {val}")
     non_negative = {
-        "finetune.epochs": cfg.finetune.epochs, "finetune.warmup_epochs": cfg.finetune.warmup_epochs, "finetune.val_per_class": cfg.finetune.val_per_class,
+        "finetune.epochs": cfg.finetune.epochs, "finetune.warmup_epochs": cfg.finetune.warmup_epochs,
+        "finetune.val_per_class": cfg.finetune.val_per_class,
         "finetune.lr_body": cfg.finetune.lr_body, "finetune.weight_decay": cfg.finetune.weight_decay,
         "meta.iterations": cfg.meta.iterations, "meta.bn_recalibration_batches": cfg.meta.bn_recalibration_batches,
         "evaluate.bootstrap": cfg.evaluate.bootstrap, "num_workers": cfg.num_workers,
