@@ -37,29 +37,51 @@ from pipeline.orchestrate import run_pipeline  # noqa: E402
 META = {"anil": "default", "multitask": "default", "protonet": "prototype"}
 
 
-def arm_label(arm: str, meta_ids: dict[str, str]) -> str:
-    """'meta-anil-1a2b3c' -> 'meta-anil', 'proto.meta-protonet-...' -> 'meta-protonet+prototype head'."""
+PROTO = " + prototype head"  # what the arms of the run merged under the tag `proto` are called here
+
+
+def arm_label(arm: str, meta_ids: dict[str, str], proto_name: str = PROTO) -> str:
+    """'meta-anil-1a2b3c' -> 'meta-anil', 'proto.meta-protonet-...' -> 'meta-protonet + prototype head'."""
     proto = arm.startswith("proto.")
     base = arm.removeprefix("proto.")
     for alg, rid in meta_ids.items():
         if base == f"meta-{alg}-{rid[:6]}":
             base = f"meta-{alg}"
-    return base + (" + prototype head" if proto else "")
+    return base + (proto_name if proto else "")
 
 
-def verdict(comparisons: list[dict], meta_ids: dict[str, str], k_max: int = 10, half_width: float = 0.015) -> dict:
+def verdict(comparisons: list[dict], meta_ids: dict[str, str], k_max: int = 10, half_width: float = 0.015,
+            proto_name: str = PROTO) -> dict:
     """The pre-registered rule: a meta arm beats transfer at a k <= k_max if its paired interval lies above zero;
     otherwise a null, precise if every paired interval at k <= k_max has a half-width <= `half_width`, else imprecise,
     with the seeds the widest one would need at its observed spread."""
     at = [c for c in comparisons if isinstance(c["k"], int) and c["k"] <= k_max]
-    label = {id(c): f"{arm_label(c['arm'], meta_ids)} k{c['k']}" for c in at}
-    above = [label[id(c)] for c in at if arm_label(c["arm"], meta_ids).startswith("meta-") and c["ci_low"] > 0]
+    label = {id(c): f"{arm_label(c['arm'], meta_ids, proto_name)} k{c['k']}" for c in at}
+    above = [label[id(c)] for c in at if c["arm"].removeprefix("proto.").startswith("meta-") and c["ci_low"] > 0]
     widest = max(at, key=lambda c: c["ci_high"] - c["ci_low"])
     hw = (widest["ci_high"] - widest["ci_low"]) / 2
     outcome = "meta beats transfer" if above else ("precise null" if hw <= half_width else "imprecise null")
     return {"outcome": outcome, "meta_arms_above_zero": above, "widest_interval": label[id(widest)],
             "widest_half_width": round(hw, 4),
             "seeds_for_half_width": seeds_for_half_width(widest["ci_low"], widest["ci_high"], widest["n"], half_width)}
+
+
+def summarise(res: dict, meta_ids: dict[str, str], proto_name: str = PROTO) -> dict:
+    """The printed summary of an evaluate stage's `results.json` content `res`: each meta run's meta-validation
+    accuracy, test AUC per arm and k, paired differences against `transfer`, and the rule's verdict."""
+    def name(arm: str, k) -> str:
+        return f"{arm_label(arm, meta_ids, proto_name)} k{k}"
+    meta_runs = {a: mlflow.get_run(r).data.metrics for a, r in meta_ids.items()}
+    return {
+        "meta_val": {a: {"start": m.get("meta_val_start_acc"), "best": m.get("meta_val_best_acc"),
+                         "seconds": m.get("meta_seconds")} for a, m in meta_runs.items()},
+        "test_auc": {name(g["arm"], g["k"]): [round(g["auc"], 4), [round(v, 4) for v in g["auc_ci"]], g["n_seeds"]]
+                     for g in res["aggregates"]},
+        "paired_vs_transfer": {name(c["arm"], c["k"]): {
+            key: (round(v, 4) if isinstance(v, float) else v) for key, v in c.items()
+            if key not in ("arm", "reference", "k", "metric")} for c in res["comparisons"]},
+        "verdict": verdict(res["comparisons"], meta_ids, proto_name=proto_name),
+    }
 
 
 def run_meta(alg: str, cfg_file: str | None, base: list[str]) -> str:
@@ -125,18 +147,8 @@ def main() -> None:
     out = run_finetune("default", meta_ids, cfg_file, base, merge=merge)
     res = mlflow.artifacts.load_dict(out["evaluate"]["results_uri"])
 
-    meta_runs = {a: mlflow.get_run(r).data.metrics for a, r in meta_ids.items()}
-    summary = {
-        "runs": {"meta": meta_ids, "finetune_prototype_head": run_b, **{s: o["run_id"] for s, o in out.items()}},
-        "meta_val": {a: {"start": m.get("meta_val_start_acc"), "best": m.get("meta_val_best_acc"),
-                         "seconds": m.get("meta_seconds")} for a, m in meta_runs.items()},
-        "test_auc": {f"{arm_label(g['arm'], meta_ids)} k{g['k']}": [round(g["auc"], 4), [round(v, 4) for v in
-                     g["auc_ci"]], g["n_seeds"]] for g in res["aggregates"]},
-        "paired_vs_transfer": {f"{arm_label(c['arm'], meta_ids)} k{c['k']}": {
-            key: (round(v, 4) if isinstance(v, float) else v) for key, v in c.items()
-            if key not in ("arm", "reference", "k", "metric")} for c in res["comparisons"]},
-        "verdict": verdict(res["comparisons"], meta_ids),
-    }
+    summary = {"runs": {"meta": meta_ids, "finetune_prototype_head": run_b, **{s: o["run_id"] for s, o in out.items()}},
+               **summarise(res, meta_ids)}
     print(json.dumps(summary, indent=1))
 
 

@@ -28,21 +28,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_meta import arm_label, run_meta, verdict  # noqa: E402
+from compare_meta import run_meta, summarise  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.metrics import paired_comparison  # noqa: E402
 from pipeline.orchestrate import run_pipeline  # noqa: E402
 
 FROZEN = ["finetune.epochs=0", "finetune.head_init=prototype"]  # fixed before the first run (the experiment's file)
-
-
-def relabel(text: str) -> str:
-    """compare_meta's names, with this experiment's name for the `proto` arms (frozen, no fine-tune)."""
-    return text.replace(" + prototype head", ", frozen nearest prototype")
-
-
-def label(arm: str, ids: dict[str, str]) -> str:
-    return relabel(arm_label(arm, ids))
+FROZEN_NAME = ", frozen nearest prototype"  # the arms of run B, merged under the tag `proto`
 
 
 def run_finetune(frozen: bool, protonet: str, cfg_file: str | None, base: list[str],
@@ -98,30 +90,18 @@ def main() -> None:
         run_finetune(False, "", cfg_file, base)
         return
     protonet = run_meta("protonet", cfg_file, base)
-    if args.part in ("meta-protonet", "frozen"):
-        if args.part == "frozen":
-            run_finetune(True, protonet, cfg_file, base, frozen_set=args.frozen_set)
+    if args.part == "meta-protonet":
         return
     run_b = run_finetune(True, protonet, cfg_file, base, frozen_set=args.frozen_set)
+    if args.part == "frozen":
+        return
     merge = [*args.merge_transfer, f"proto={run_b}", *(f"proto={r}" for r in args.merge_frozen)]
     out = run_finetune(False, protonet, cfg_file, base, merge=merge)
     res = mlflow.artifacts.load_dict(out["evaluate"]["results_uri"])
     ids = {"protonet": protonet}
-    m = mlflow.get_run(protonet).data.metrics
-    summary = {
-        "runs": {"meta": ids, "finetune_frozen": run_b, **{s: o["run_id"] for s, o in out.items()}},
-        "meta_val": {"protonet": {"start": m.get("meta_val_start_acc"), "best": m.get("meta_val_best_acc"),
-                                  "seconds": m.get("meta_seconds")}},
-        "test_auc": {f"{label(g['arm'], ids)} k{g['k']}": [round(g["auc"], 4), [round(v, 4) for v in
-                     g["auc_ci"]], g["n_seeds"]] for g in res["aggregates"]},
-        "paired_vs_transfer": {f"{label(c['arm'], ids)} k{c['k']}": {
-            key: (round(v, 4) if isinstance(v, float) else v) for key, v in c.items()
-            if key not in ("arm", "reference", "k", "metric")} for c in res["comparisons"]},
-        "protonet_minus_imagenet_frozen": frozen_contrast(res["rows"], f"meta-protonet-{protonet[:6]}"),
-        "verdict": {key: [relabel(v) for v in val] if isinstance(val, list) else
-                    relabel(val) if isinstance(val, str) else val
-                    for key, val in verdict(res["comparisons"], ids).items()},
-    }
+    summary = {"runs": {"meta": ids, "finetune_frozen": run_b, **{s: o["run_id"] for s, o in out.items()}},
+               **summarise(res, ids, FROZEN_NAME),
+               "protonet_minus_imagenet_frozen": frozen_contrast(res["rows"], f"meta-protonet-{protonet[:6]}")}
     print(json.dumps(summary, indent=1))
 
 
