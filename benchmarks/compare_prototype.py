@@ -50,7 +50,8 @@ def run_finetune(frozen: bool, protonet: str, cfg_file: str | None, base: list[s
 
 
 def frozen_contrast(rows: list[dict], protonet_arm: str) -> dict:
-    """Per k: ProtoNet's frozen body minus ImageNet's frozen body (both nearest prototype), paired by seed."""
+    """Per k: the ProtoNet arm minus `transfer`, both of the runs merged under the tag `proto` (here: both frozen,
+    nearest prototype; experiment 20: both fine-tuned at 64 px), paired by seed."""
     auc = {(r["arm"], r["k"], r["seed"]): r["auc"] for r in rows}
     out = {}
     for k in sorted({r["k"] for r in rows}):
