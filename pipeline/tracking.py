@@ -154,15 +154,45 @@ def _process_start(pid: int) -> float | None:
         return -1.0
 
 
+def cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers (a virtual machine's name alone, such as
+    "Intel(R) Xeon(R) Processor", does not tell two generations apart); "" where there is no /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    info: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return f"{info.get('model name', '')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+
+
+def numeric_versions() -> str:
+    """The versions of the packages a run's figures depend on, as `name=version` pairs."""
+    from importlib.metadata import PackageNotFoundError, version
+    pairs = []
+    for name in ("torch", "timm", "numpy", "albumentations", "opencv-python-headless"):
+        try:
+            pairs.append(f"{name}={version(name)}")
+        except PackageNotFoundError:
+            pairs.append(f"{name}=none")
+    return " ".join(pairs)
+
+
 def process_tags() -> dict[str, str]:
     """Tags that say which process owns a run (host, pid, process start time), so a later process can tell a run
-    left RUNNING by a dead process from a live one (`close_dead_runs`), and how many threads its torch computes with:
-    on the CPU, reductions split by thread, so a run's figures are reproduced exactly only at the same count
-    (`OMP_NUM_THREADS`; torchrun sets 1 per process)."""
+    left RUNNING by a dead process from a live one (`close_dead_runs`), and what its figures depend on: on the CPU,
+    reductions split by thread, so a run's figures are reproduced exactly only at the same thread count
+    (`OMP_NUM_THREADS`; torchrun sets 1 per process), and kernels differ by CPU and instruction set (torch's
+    `ATEN_CPU_CAPABILITY`) and by package version, so the CPU, the instruction set torch uses and the versions are
+    recorded too."""
     import torch
     return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid()),
             "pipeline.pid_start": f"{_process_start(os.getpid()):.3f}",
-            "pipeline.torch_threads": str(torch.get_num_threads())}
+            "pipeline.torch_threads": str(torch.get_num_threads()),
+            "pipeline.cpu": cpu_name(), "pipeline.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "pipeline.versions": numeric_versions()}
 
 
 def close_dead_runs(client=None) -> list[str]:

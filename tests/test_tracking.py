@@ -86,3 +86,27 @@ def test_runs_record_the_torch_thread_count_of_their_process(tmp_path):
         p.wait(timeout=60)
         seen[n] = MlflowClient(uri).get_run(run_id).data.tags.get("pipeline.torch_threads")
     assert seen == {"1": "1", "2": "2"}
+
+
+def test_runs_record_the_cpu_instruction_set_and_versions_their_figures_depend_on(tmp_path):
+    """The same command at one thread gives other figures on another CPU or with other kernels, so every run says
+    which CPU, which of torch's instruction-set kernels (`ATEN_CPU_CAPABILITY` caps them) and which versions it had."""
+    import torch
+    from importlib.metadata import version
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    seen = {}
+    for cap in ("default", ""):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env.update({"MLFLOW_TRACKING_URI": uri, **({"ATEN_CPU_CAPABILITY": cap} if cap else {})})
+        p = subprocess.Popen([sys.executable, "-c", OPEN_RUN, "dies"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             text=True)
+        run_id = p.stdout.readline().strip()
+        p.wait(timeout=60)
+        seen[cap] = MlflowClient(uri).get_run(run_id).data.tags
+    assert seen["default"]["pipeline.cpu_capability"] == "DEFAULT"
+    assert seen[""]["pipeline.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model\t"))
+    assert seen[""]["pipeline.cpu"].endswith(f"model {model})")
+    assert f"torch={version('torch')}" in seen[""]["pipeline.versions"].split()
+    assert f"timm={version('timm')}" in seen[""]["pipeline.versions"].split()
