@@ -28,6 +28,17 @@ def start(name, uri):
     return p, p.stdout.readline().strip()
 
 
+def tags_of_a_run(uri: str, **env: str) -> dict[str, str]:
+    """The tags of a run opened by a fresh process with `env` added to its environment (an empty value unsets)."""
+    full = {k: v for k, v in os.environ.items() if k not in env}
+    full.update({"MLFLOW_TRACKING_URI": uri, **{k: v for k, v in env.items() if v}})
+    p = subprocess.Popen([sys.executable, "-c", OPEN_RUN, "dies"], cwd=REPO, env=full, stdout=subprocess.PIPE,
+                         text=True)
+    run_id = p.stdout.readline().strip()
+    p.wait(timeout=60)
+    return MlflowClient(uri).get_run(run_id).data.tags
+
+
 def test_runs_of_dead_processes_are_closed_and_live_ones_are_not(tmp_path):
     from pipeline.tracking import close_dead_runs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -77,14 +88,7 @@ def test_processes_starting_together_on_a_fresh_store_all_succeed(tmp_path):
 def test_runs_record_the_torch_thread_count_of_their_process(tmp_path):
     """CPU figures are exact only at the same thread count, so every run says which it had (OMP_NUM_THREADS)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    seen = {}
-    for n in ("1", "2"):
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": n}
-        p = subprocess.Popen([sys.executable, "-c", OPEN_RUN, "dies"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             text=True)
-        run_id = p.stdout.readline().strip()
-        p.wait(timeout=60)
-        seen[n] = MlflowClient(uri).get_run(run_id).data.tags.get("pipeline.torch_threads")
+    seen = {n: tags_of_a_run(uri, OMP_NUM_THREADS=n).get("pipeline.torch_threads") for n in ("1", "2")}
     assert seen == {"1": "1", "2": "2"}
 
 
@@ -94,15 +98,7 @@ def test_runs_record_the_cpu_instruction_set_and_versions_their_figures_depend_o
     import torch
     from importlib.metadata import version
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    seen = {}
-    for cap in ("default", ""):
-        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-        env.update({"MLFLOW_TRACKING_URI": uri, **({"ATEN_CPU_CAPABILITY": cap} if cap else {})})
-        p = subprocess.Popen([sys.executable, "-c", OPEN_RUN, "dies"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             text=True)
-        run_id = p.stdout.readline().strip()
-        p.wait(timeout=60)
-        seen[cap] = MlflowClient(uri).get_run(run_id).data.tags
+    seen = {cap: tags_of_a_run(uri, ATEN_CPU_CAPABILITY=cap) for cap in ("default", "")}
     assert seen["default"]["pipeline.cpu_capability"] == "DEFAULT"
     assert seen[""]["pipeline.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     cpuinfo = Path("/proc/cpuinfo").read_text()
