@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import re
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def field_comments(cls: type) -> dict[str, str]:
 def _type_name(tp: typing.Any) -> str:
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # "or": a "|" would split the Markdown table cell
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 

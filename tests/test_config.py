@@ -55,6 +55,8 @@ def test_overrides_are_typed():
     ("evaluate.merge_runs=[lite2=]", "'<tag>=<run id>'"),
     ("meta.head_init=prototypes", "meta.head_init': 'prototypes' is not one of"),
     ("meta.reptile_outer=rmsprop", "meta.reptile_outer': 'rmsprop' is not one of"),
+    ("meta.outer_lr=fast", "meta.outer_lr': 'fast' is neither a number nor 'auto'"),
+    ("meta.outer_lr=0", "meta.outer_lr' must be > 0"),
 ])
 def test_bad_overrides_are_clear_errors(override, msg):
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
@@ -230,3 +232,13 @@ def test_meta_prototype_head_needs_an_inner_loop_algorithm():
     assert resolved == {"reptile": "prototype", "anil": "default", "maml": "default", "protonet": "default",
                         "multitask": "default"}
     assert load_config(None, ["meta.head_init=default"]).meta.resolved_head_init() == "default"
+
+
+def test_meta_outer_lr_auto_is_per_algorithm_and_a_number_wins():
+    # auto: ProtoNet's higher rate (experiment 21), 0.001 for every other algorithm
+    resolved = {a: load_config(None, [f"meta.algorithm={a}"]).meta.resolved_outer_lr()
+                for a in ("reptile", "anil", "maml", "protonet", "multitask")}
+    assert resolved == {"reptile": 1e-3, "anil": 1e-3, "maml": 1e-3, "protonet": 3e-3, "multitask": 1e-3}
+    for a in ("protonet", "anil"):
+        assert load_config(None, [f"meta.algorithm={a}", "meta.outer_lr=0.0005"]).meta.resolved_outer_lr() == 5e-4
+    assert load_config(None, ["meta.outer_lr=1"]).meta.resolved_outer_lr() == 1.0  # an integer is a rate too

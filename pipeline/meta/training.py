@@ -135,7 +135,7 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
     if cl:
         model.to(memory_format=torch.channels_last)
     mlflow.set_tag("channels_last", str(cl))
-    opt = learner.outer_optimizer(m.outer_lr, m.reptile_epsilon)
+    opt = learner.outer_optimizer(m.resolved_outer_lr(), m.reptile_epsilon)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(m.lr_schedule, m.iterations))
     batched = m.batched
 
