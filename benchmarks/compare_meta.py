@@ -95,7 +95,7 @@ def run_finetune(head: str, meta_ids: dict[str, str], cfg_file: str | None, base
     """Finetune run of `transfer` and the bodies of the algorithms fine-tuned with `head`; with `merge` (further
     finetune runs as `evaluate.merge_runs` entries) also the evaluate stage over all of them. Returns run_pipeline's
     outputs."""
-    algs = [a for a, h in META.items() if h == head]
+    algs = [a for a in meta_ids if META[a] == head]
     over = [*base, "finetune.arms=[transfer]", "evaluate.ensemble=false",
             *(["finetune.head_init=prototype"] if head == "prototype" else []),
             f"finetune.meta_from_runs=[{','.join(meta_ids[a] for a in algs)}]",
@@ -105,7 +105,7 @@ def run_finetune(head: str, meta_ids: dict[str, str], cfg_file: str | None, base
     return out if merge else out["finetune"]["run_id"]
 
 
-def run_part(part: str, cfg_file: str | None, base: list[str]) -> None:
+def run_part(part: str, cfg_file: str | None, base: list[str], algorithms: list[str]) -> None:
     """`backbone`, `meta-ALG` or `finetune-HEAD` alone (finetune parts need their meta runs finished; under torchrun
     the finetune jobs are shared among the processes)."""
     if part == "backbone":
@@ -114,7 +114,7 @@ def run_part(part: str, cfg_file: str | None, base: list[str]) -> None:
         run_meta(part.removeprefix("meta-"), cfg_file, base)
     else:
         head = part.removeprefix("finetune-")
-        meta_ids = {a: run_meta(a, cfg_file, base) for a, h in META.items() if h == head}
+        meta_ids = {a: run_meta(a, cfg_file, base) for a in algorithms if META[a] == head}
         run_finetune(head, meta_ids, cfg_file, base)
 
 
@@ -132,16 +132,21 @@ def main() -> None:
                          "one's (evaluate.merge_runs; repeatable)")
     ap.add_argument("--merge-prototype", action="append", default=[], metavar="RUN_ID",
                     help="the same for a prototype-head finetune run (scored under the tag 'proto')")
+    ap.add_argument("--algorithms", default=",".join(META),
+                    help=f"the meta arms, comma-separated, of {list(META)} (default: all; experiment 22: protonet)")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = ap.parse_args()
+    algorithms = args.algorithms.split(",")
+    if not algorithms or set(algorithms) - set(META):
+        ap.error(f"--algorithms {args.algorithms!r}: choose from {', '.join(META)}")
     base = [f"finetune.first_seed={args.first}", f"finetune.seeds={args.seeds}", f"finetune.shots=[{args.shots}]",
             *([f"meta.iterations={args.meta_iterations}"] if args.meta_iterations else []), *args.overrides]
     cfg_file = args.config or None
 
     if args.part != "all":  # one piece, to run pieces side by side (the full command then reuses them)
-        run_part(args.part, cfg_file, base)
+        run_part(args.part, cfg_file, base, algorithms)
         return
-    meta_ids = {alg: run_meta(alg, cfg_file, base) for alg in META}
+    meta_ids = {alg: run_meta(alg, cfg_file, base) for alg in algorithms}
     run_b = run_finetune("prototype", meta_ids, cfg_file, base)
     merge = [*args.merge_default, f"proto={run_b}", *(f"proto={r}" for r in args.merge_prototype)]
     out = run_finetune("default", meta_ids, cfg_file, base, merge=merge)
