@@ -72,6 +72,16 @@ class BackboneConfig:
     weights_file: str = ""  # explicit state_dict / checkpoint file; wins over every other source
 
 
+# `meta.outer_lr: auto`: Adam's outer rate per algorithm (experiment 21: 0.001 under-trains ProtoNet in 300 iterations)
+AUTO_OUTER_LR: dict[str, float] = {"protonet": 3e-3}
+AUTO_OUTER_LR_OTHERS = 1e-3
+
+
+def describe_auto_outer_lr() -> str:
+    """The rates "auto" picks, in words for messages: '0.003 for protonet, else 0.001'."""
+    return ", ".join(f"{lr:g} for {a}" for a, lr in AUTO_OUTER_LR.items()) + f", else {AUTO_OUTER_LR_OTHERS:g}"
+
+
 @dataclass
 class MetaConfig:
     """Meta-training on N-way K-shot tasks from the source pool (the meta stage)."""
@@ -86,7 +96,8 @@ class MetaConfig:
     meta_batch: int = 4  # tasks per outer step
     iterations: int = 300  # outer steps
     # Adam LR of the outer loop (MAML family, protonet, multitask, reptile_outer=adam; Reptile's sgd step is
-    # `reptile_epsilon`); "auto": 0.003 for protonet (experiment 21: 0.001 under-trains it in 300 iterations), else 0.001
+    # `reptile_epsilon`); "auto": 0.003 for protonet, else 0.001 (`AUTO_OUTER_LR`, experiment 21); the meta run logs
+    # the rate it used as the parameter `meta.resolved_outer_lr`
     outer_lr: float | str = "auto"
     reptile_epsilon: float = 0.5  # Reptile outer step size: θ ← θ + ε·mean(θ̃ − θ)
     # Reptile's outer loop: "sgd" is the paper's θ ← θ + ε·mean(θ̃ − θ); "adam": Adam at outer_lr on the
@@ -120,10 +131,10 @@ class MetaConfig:
     from_run: str = ""  # explicit backbone run id
 
     def resolved_outer_lr(self) -> float:
-        """`outer_lr` with "auto" resolved for `algorithm`: 0.003 for protonet, else 0.001."""
+        """`outer_lr` with "auto" resolved for `algorithm` (`AUTO_OUTER_LR`)."""
         if self.outer_lr != "auto":
             return float(self.outer_lr)
-        return 3e-3 if self.algorithm == "protonet" else 1e-3
+        return AUTO_OUTER_LR.get(self.algorithm, AUTO_OUTER_LR_OTHERS)
 
     def resolved_head_init(self) -> str:
         """`head_init` with "auto" resolved for `algorithm`: "prototype" for reptile, else "default"."""
@@ -496,7 +507,7 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= 0, got {val}")
     if isinstance(cfg.meta.outer_lr, str) and cfg.meta.outer_lr != "auto":
         raise ConfigError(f"config key 'meta.outer_lr': {cfg.meta.outer_lr!r} is neither a number nor 'auto'; "
-                          f"e.g. meta.outer_lr=0.001, or auto (0.003 for protonet, else 0.001)")
+                          f"e.g. meta.outer_lr=0.001, or auto ({describe_auto_outer_lr()})")
     rates = {"finetune.lr_head": cfg.finetune.lr_head, "meta.inner_lr": cfg.meta.inner_lr,
              "meta.outer_lr": cfg.meta.resolved_outer_lr(), "meta.reptile_epsilon": cfg.meta.reptile_epsilon}
     for key, val in rates.items():

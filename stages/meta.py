@@ -21,6 +21,8 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     dev = distributed.local_device(dev)
     configure(dev, cfg.cudnn_benchmark)
     mlflow.set_tags({"device": device_name(dev), "algorithm": m.algorithm, "backbone": cfg.backbone.model})
+    # what "auto" became, beside the config's own `meta.outer_lr: auto` in the run's parameters
+    mlflow.log_params({"meta.resolved_outer_lr": m.resolved_outer_lr(), "meta.resolved_head_init": m.resolved_head_init()})
     ckpt = load_checkpoint(download(inputs["backbone"]["checkpoint_uri"]))
     key = mlflow.active_run().data.tags.get("pipeline.stage_key", "")
     work = scratch_dir("meta-")

@@ -775,6 +775,10 @@ def test_meta_stage_runs_each_algorithm(tmp_path, real_data, algorithm, extra):
     if algorithm == "metasgd":
         assert run.data.metrics["metasgd_lr_std"] > 0  # the per-parameter learning rates were learned
     assert run.data.params.get("meta.unroll", "False") == str("meta.unroll=true" in extra)
+    # the config's "auto" and what it resolved to for this algorithm, both in the run's parameters
+    assert run.data.params["meta.outer_lr"] == "auto"
+    assert float(run.data.params["meta.resolved_outer_lr"]) == (3e-3 if algorithm == "protonet" else 1e-3)
+    assert run.data.params["meta.resolved_head_init"] == "default"
 
 
 def test_rezero_head_meta_learns_the_body_only(tmp_path, real_data):
