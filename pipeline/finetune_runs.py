@@ -3,7 +3,9 @@ metrics, predictions CSV and model, the stage's `predictions/index.json`, and th
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import mlflow.pytorch
@@ -13,7 +15,8 @@ import torch
 
 from .backbone import create_backbone, load_checkpoint
 from .config import ConfigError, FinetuneConfig, PipelineConfig, mlflow_key, parse_arm, replica_name
-from .finetune import Arm, Job, JobResult, TargetInputs
+from . import distributed
+from .finetune import Arm, Job, JobResult, TargetInputs, job_rounds, train_job
 from .metrics import classification_metrics
 from .predict import PREPROCESS_FILE, preprocess_spec
 from .tracking import download, main_client, process_tags
@@ -192,6 +195,40 @@ class JobLogger:
         (self.out_dir / "index.json").write_text(json.dumps(meta, indent=1))
         mlflow.log_artifacts(str(self.out_dir), "predictions")
         mlflow.log_artifacts(str(self.val_dir), "val_predictions")
+
+
+def run_jobs(jobs: list[Job], done: dict[Job, dict], logger: JobLogger, seed: int, speed: dict[str, Any],
+             dataset: str, stage_key: str) -> bool:
+    """Train every job of `jobs` not in `done` (`finished_jobs`) and log it into its nested run; keep the others.
+    Under torchrun the ranks share the jobs, one per rank per round, and rank 0 logs each round as it ends, so a
+    killed run keeps those; alone, jobs run in order with their curves logged live, epoch by epoch. `speed`: the
+    device and speed options of `train_job`. Returns False on ranks > 0, which only train."""
+    rank, world = distributed.world()
+    todo = distributed.from_main([job for job in jobs if job not in done])
+    arms = logger.arms
+    if world > 1:
+        rounds = job_rounds(todo, world)
+        print(f"[finetune] rank {rank}/{world} on {speed['dev']}: {sum(len(r) > rank for r in rounds)} of {len(jobs)} "
+              f"runs", flush=True)
+        for batch in rounds:
+            mine = {job: replace(train_job(logger.inputs[arms[job.arm].model], logger.ft, job, arms[job.arm], seed,
+                                           **speed), model=None) for job in batch[rank:rank + 1]}
+            for part in distributed.gather_to_main(mine) or []:  # None on ranks > 0
+                for job, res in part.items():
+                    with job_run(job, arms[job.arm].model, dataset, stage_key):
+                        logger.log(res, live=False)
+        if rank > 0:
+            return False
+        todo = []
+    for job in jobs:
+        if job in done:
+            logger.keep(job, done[job])
+        elif job in todo:
+            with job_run(job, arms[job.arm].model, dataset, stage_key):
+                logger.log(train_job(logger.inputs[arms[job.arm].model], logger.ft, job, arms[job.arm], seed,
+                                     on_epoch=log_epoch, **speed), live=True)
+    logger.write_index(jobs)
+    return True
 
 
 def register_best(index: list[dict], registry: str) -> dict[str, str]:
