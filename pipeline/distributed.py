@@ -6,14 +6,20 @@ their own tracking calls to a throwaway store, so stage code needs no rank check
 from __future__ import annotations
 
 import os
+import pickle
+import queue
+import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .scratch import scratch_dir
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def world() -> tuple[int, int]:
@@ -90,3 +96,108 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
 def side_store() -> Path:
     """Folder of a private throwaway MLflow store for ranks other than 0."""
     return scratch_dir(f"rank{world()[0]}-mlruns-")
+
+
+_SIZE, _DATA = 7, 8  # tags of `share_work`'s messages: gloo pairs a send with a receive by source rank and tag
+
+
+def _send(obj: Any, dst: int) -> None:
+    """`obj` to rank `dst` as pickled CPU tensors (`send_object_list` cannot pair with a receive from any rank)."""
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    dist.send(torch.tensor([data.numel()]), dst, tag=_SIZE)
+    dist.send(data, dst, tag=_DATA)
+
+
+def _recv(src: int | None = None) -> tuple[int, Any]:
+    """(sender, object) of the next `_send` to this rank from `src`, or from any rank."""
+    size = torch.zeros(1, dtype=torch.long)
+    src = dist.recv(size, src, tag=_SIZE)
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(data, src, tag=_DATA)
+    return src, pickle.loads(data.numpy().tobytes())
+
+
+_END = object()  # the end of `_Dealer.results`
+
+
+class _Dealer:
+    """Rank 0's side of `share_work`: hands out item numbers in order (to its own main thread and, from a thread,
+    to the other ranks as they ask) and passes every result to `on_result` in one thread of its own."""
+
+    def __init__(self, n_items: int, on_result: Callable[[Any], None], world_size: int):
+        self.n_items, self.on_result, self.world_size = n_items, on_result, world_size
+        self.next, self.lock = 0, threading.Lock()
+        self.results: queue.Queue = queue.Queue()
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._answer, daemon=True, name="share_work-dealer"),
+                        threading.Thread(target=self._hand_on, daemon=True, name="share_work-results")]
+
+    def take(self) -> int | None:
+        """The next item's number, None when every item is taken."""
+        with self.lock:
+            if self.errors or self.next >= self.n_items:  # after a failure every rank stops at its next ask
+                return None
+            self.next += 1
+            return self.next - 1
+
+    def _answer(self) -> None:
+        """Each message of another rank carries its last result (None at first) and asks for the next item; the
+        answer goes first, so that rank trains on while the result is logged. Ends when every rank was told None."""
+        try:
+            done = 0
+            while done < self.world_size - 1:
+                src, result = _recv()  # () on a rank's first ask, else (its last result,)
+                i = self.take()
+                _send(i, src)
+                done += i is None
+                if result:
+                    self.results.put(result[0])
+        except BaseException as e:  # re-raised by `finish` in the main thread
+            self.errors.append(e)
+
+    def _hand_on(self) -> None:
+        while (item := self.results.get()) is not _END:
+            if not self.errors:  # after a failure, drain without calling on_result
+                try:
+                    self.on_result(item)
+                except BaseException as e:
+                    self.errors.append(e)
+
+    def finish(self) -> None:
+        """Wait for the other ranks' last results and for `on_result` on every result; raise the first error."""
+        self.threads[0].join()
+        self.results.put(_END)
+        self.threads[1].join()
+        if self.errors:
+            raise self.errors[0]
+
+
+def share_work(items: Sequence[T], work: Callable[[T], R], on_result: Callable[[R], None]) -> int:
+    """Work through `items` on every torchrun rank as a queue: each rank takes the next item as soon as it is free,
+    so a slow item holds up its own rank only (rounds of one item per rank left the others idle behind it). Rank 0
+    deals the items in order and calls `on_result(work(item))` for every item, its own and those the other
+    ranks send it, each as soon as it arrives, one at a time, in a thread of its own; other ranks never call it.
+    `work` must not depend on which rank runs it. Every rank must call this with the same items. Returns how many
+    items this rank worked; alone (no torchrun) it works and hands on every item in order."""
+    rank, size = world()
+    if size == 1 or not dist.is_initialized():
+        for item in items:
+            on_result(work(item))
+        return len(items)
+    done = 0
+    if rank > 0:
+        last: tuple = ()
+        while True:
+            _send(last, 0)
+            i = _recv(0)[1]
+            if i is None:
+                return done
+            last, done = (work(items[i]),), done + 1
+    dealer = _Dealer(len(items), on_result, size)
+    for t in dealer.threads:
+        t.start()
+    while not dealer.errors and (i := dealer.take()) is not None:
+        dealer.results.put(work(items[i]))
+        done += 1
+    dealer.finish()
+    return done

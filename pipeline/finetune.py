@@ -71,8 +71,7 @@ class JobResult:
     """A job's final model and what the stage logs of it."""
 
     job: Job
-    model: nn.Module | None = field(repr=False)  # None once sent between processes (the state travels)
-    state: dict[str, torch.Tensor] = field(repr=False)
+    model: nn.Module = field(repr=False)  # the final model (moved to the CPU to travel between processes)
     history: list[dict[str, float]]
     best_epoch: int  # in `history`'s numbering (0-based)
     first_epoch: int  # where the final model's own fit starts in `history` (self-training: the last student's)
@@ -117,13 +116,11 @@ def plan_jobs(ft: FinetuneConfig, arms: list[str]) -> list[Job]:
     return [Job(k, s, arm) for k in ft.shots for s in range(ft.first_seed, ft.first_seed + ft.seeds) for arm in arms]
 
 
-def job_rounds(jobs: list[Job], size: int) -> list[list[Job]]:
-    """`jobs` for `size` torchrun ranks in rounds of one job per rank (rank r trains `round[r]`), sorted by
-    (k, arm, seed) so that each rank gets its share of every (k, arm) group, whose costs differ (dealt in plan
-    order, seed-major, 2 arms on 2 ranks gave one rank every job of one arm). Rank 0 logs each round as it ends,
-    so a killed run keeps every round but the one in flight."""
-    order = sorted(jobs, key=lambda j: (j.k, j.arm, j.seed))
-    return [order[i:i + size] for i in range(0, len(order), size)]
+def queue_order(jobs: list[Job]) -> list[Job]:
+    """The order torchrun ranks take `jobs` from their shared queue (`distributed.share_work`): the largest k
+    first, as a job's cost grows with its k-shot set, so the sweep does not end on one rank training a slow job
+    while the others wait; then by arm and seed."""
+    return sorted(jobs, key=lambda j: (-j.k, j.arm, j.seed))
 
 
 def build_arm_model(ckpt: dict | None, model_name: str, n_classes: int, split_seed: int) -> nn.Module:
@@ -226,6 +223,6 @@ def train_job(data: TargetInputs, ft: FinetuneConfig, job: Job, arm: Arm, seed: 
         prob = None
         if data.x_test is not None:  # the one test pass
             prob = predict_proba(st.model, data.x_test, dev, channels_last=channels_last, tta=ft.tta)
-    return JobResult(job, st.model, {n: v.cpu() for n, v in st.model.state_dict().items()}, st.history,
+    return JobResult(job, st.model, st.history,
                      st.first_epoch + st.fit.best_epoch, st.first_epoch, st.fit.best_val_auc, prob, val_prob,
                      len(tr_idx), len(va_idx), time.time() - t0, st.images_seen, extra)

@@ -3,7 +3,7 @@ metrics, predictions CSV and model, the stage's `predictions/index.json`, and th
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbone import create_backbone, load_checkpoint
+from .backbone import load_checkpoint
 from .config import ConfigError, FinetuneConfig, PipelineConfig, mlflow_key, parse_arm, replica_name
 from . import distributed
-from .finetune import Arm, Job, JobResult, TargetInputs, job_rounds, train_job
+from .finetune import Arm, Job, JobResult, TargetInputs, queue_order, train_job
 from .metrics import classification_metrics
 from .predict import PREPROCESS_FILE, preprocess_spec
 from .tracking import download, main_client, process_tags
@@ -58,9 +58,10 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict[s
 JOB_FILE = "job.json"  # a job run's index entry, logged last: a FINISHED job run holding it is complete
 
 
-def job_run(job: Job, model_name: str, dataset: str, stage_key: str):
-    """The job's nested MLflow run, named `finetune/<arm>/k<k>/seed<s>`, tagged with its stage's key."""
-    return mlflow.start_run(run_name=job.name, nested=True,
+def job_run(job: Job, model_name: str, dataset: str, stage_key: str, parent_run_id: str | None = None):
+    """The job's nested MLflow run, named `finetune/<arm>/k<k>/seed<s>`, tagged with its stage's key; under the
+    active run, or under `parent_run_id` (from a thread with no active run of its own)."""
+    return mlflow.start_run(run_name=job.name, nested=True, parent_run_id=parent_run_id,
                             tags={"pipeline.stage": "finetune-run", "pipeline.stage_key": stage_key, "arm": job.arm,
                                   "k": str(job.k), "seed": str(job.seed), "backbone": model_name, "dataset": dataset,
                                   **process_tags()})
@@ -167,10 +168,8 @@ class JobLogger:
             data = self.inputs[self.arms[job.arm].model]
             spec = preprocess_spec(data.size, data.dinfo["mean"], data.dinfo["std"], data.target.class_names,
                                    data.model_name, tta=ft.tta)
-            model, _, _ = create_backbone(data.model_name, num_classes=data.n_classes, weights="none")
-            model.load_state_dict(res.state)
             example = data.eval_t(data.split("test").images[0])[None].numpy()
-            model_uri = log_model(model, spec, example, self.out_dir.parent)
+            model_uri = log_model(res.model, spec, example, self.out_dir.parent)
         entry = {"arm": job.arm, "k": job.k, "seed": job.seed, "file": fname, "run_id": mlflow.active_run().info.run_id,
                  "best_epoch": res.best_epoch + 1, "best_val_auc": res.best_val_auc, "test_auc": test["auc"],
                  "model_uri": model_uri}
@@ -197,26 +196,36 @@ class JobLogger:
         mlflow.log_artifacts(str(self.val_dir), "val_predictions")
 
 
+def train_to_send(job: Job, logger: JobLogger, seed: int, speed: dict[str, Any]) -> JobResult:
+    """`train_job` for a torchrun rank: its model on the CPU, ready to travel to rank 0."""
+    res = train_job(logger.inputs[logger.arms[job.arm].model], logger.ft, job, logger.arms[job.arm], seed, **speed)
+    res.model.cpu()
+    return res
+
+
+def log_job(res: JobResult, logger: JobLogger, dataset: str, stage_key: str, parent_run_id: str) -> None:
+    """A job trained under torchrun, logged into its nested run (rank 0, from `share_work`'s own thread)."""
+    with job_run(res.job, logger.arms[res.job.arm].model, dataset, stage_key, parent_run_id):
+        logger.log(res, live=False)
+
+
 def run_jobs(jobs: list[Job], done: dict[Job, dict], logger: JobLogger, seed: int, speed: dict[str, Any],
              dataset: str, stage_key: str) -> bool:
     """Train every job of `jobs` not in `done` (`finished_jobs`) and log it into its nested run; keep the others.
-    Under torchrun the ranks share the jobs, one per rank per round, and rank 0 logs each round as it ends, so a
-    killed run keeps those; alone, jobs run in order with their curves logged live, epoch by epoch. `speed`: the
-    device and speed options of `train_job`. Returns False on ranks > 0, which only train."""
+    Under torchrun the ranks share the jobs as a queue (`distributed.share_work`: a rank takes the next job as soon
+    as it is free) and rank 0 logs each job as it arrives, so a killed run keeps every job that finished; alone,
+    jobs run in order with their curves logged live, epoch by epoch. `speed`: the device and speed options of
+    `train_job`. Returns False on ranks > 0, which only train."""
     rank, world = distributed.world()
     todo = distributed.from_main([job for job in jobs if job not in done])
     arms = logger.arms
     if world > 1:
-        rounds = job_rounds(todo, world)
-        print(f"[finetune] rank {rank}/{world} on {speed['dev']}: {sum(len(r) > rank for r in rounds)} of {len(jobs)} "
-              f"runs", flush=True)
-        for batch in rounds:
-            mine = {job: replace(train_job(logger.inputs[arms[job.arm].model], logger.ft, job, arms[job.arm], seed,
-                                           **speed), model=None) for job in batch[rank:rank + 1]}
-            for part in distributed.gather_to_main(mine) or []:  # None on ranks > 0
-                for job, res in part.items():
-                    with job_run(job, arms[job.arm].model, dataset, stage_key):
-                        logger.log(res, live=False)
+        print(f"[finetune] rank {rank}/{world} on {speed['dev']}: takes the next of {len(todo)} runs whenever it is "
+              f"free", flush=True)
+        n = distributed.share_work(queue_order(todo), partial(train_to_send, logger=logger, seed=seed, speed=speed),
+                                   partial(log_job, logger=logger, dataset=dataset, stage_key=stage_key,
+                                           parent_run_id=mlflow.active_run().info.run_id))
+        print(f"[finetune] rank {rank}/{world} trained {n} of {len(todo)} runs", flush=True)
         if rank > 0:
             return False
         todo = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import FinetuneConfig
-from pipeline.finetune import build_arm_model, build_job_transform, job_seed, job_rounds, job_subsets, plan_jobs
+from pipeline.finetune import build_arm_model, build_job_transform, job_seed, job_subsets, plan_jobs, queue_order
 
 
 def test_a_later_seed_range_plans_exactly_the_missing_jobs():
@@ -44,19 +44,12 @@ def test_a_replica_trains_with_another_seed_on_the_same_subsets():
     assert not torch.equal(ta(img), tb(img))  # other augmentation draws
 
 
-@pytest.mark.parametrize("size,seeds,arms", [(2, 8, 2), (2, 5, 2), (3, 4, 3), (4, 3, 2)])
-def test_job_rounds_give_every_rank_one_job_a_round_and_its_share_of_each_arm_and_k(size, seeds, arms):
-    """Rounds of one job per rank (full but the last) partition the jobs, and each rank holds within one job of
-    1/size of every (k, arm) group (round robin over the seed-major plan gave one of 2 ranks every job of one of
-    2 arms)."""
-    ft = FinetuneConfig(shots=[5, 20], seeds=seeds, first_seed=3)
-    jobs = plan_jobs(ft, [f"arm{i}" for i in range(arms)])
-    rounds = job_rounds(jobs, size)
-    assert all(len(r) == size for r in rounds[:-1]) and 1 <= len(rounds[-1]) <= size
-    shares = [[r[rank] for r in rounds if len(r) > rank] for rank in range(size)]
-    assert sorted(j for s in shares for j in s) == sorted(jobs)
-    for share in shares:
-        for k in ft.shots:
-            for a in range(arms):
-                n = sum(j.k == k and j.arm == f"arm{a}" for j in share)
-                assert abs(n - seeds / size) < 1, (k, a, n)
+def test_queue_order_takes_every_job_once_largest_k_first():
+    """torchrun ranks take jobs in this order: each job once, the costliest (largest k) first so that the sweep does
+    not end on one slow job; within a k, arm by arm and seed by seed."""
+    ft = FinetuneConfig(shots=[5, 20, 10], seeds=3, first_seed=3)
+    jobs = plan_jobs(ft, ["transfer", "meta", "scratch"])
+    order = queue_order(jobs)
+    assert sorted(order) == sorted(jobs) and len(set(order)) == len(jobs)
+    assert [j.k for j in order] == [20] * 9 + [10] * 9 + [5] * 9
+    assert [(j.arm, j.seed) for j in order[:4]] == [("meta", 3), ("meta", 4), ("meta", 5), ("scratch", 3)]
