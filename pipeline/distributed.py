@@ -141,7 +141,7 @@ class _Dealer:
             return self.next - 1
 
     def _answer(self) -> None:
-        """Each message of another rank carries its last result (None at first) and asks for the next item; the
+        """Each message of another rank carries its last result (nothing at first) and asks for the next item; the
         answer goes first, so that rank trains on while the result is logged. Ends when every rank was told None."""
         try:
             done = 0
