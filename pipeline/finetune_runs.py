@@ -3,6 +3,7 @@ metrics, predictions CSV and model, the stage's `predictions/index.json`, and th
 from __future__ import annotations
 
 import json
+import socket
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from . import distributed
 from .finetune import Arm, Job, JobResult, TargetInputs, queue_order, train_job
 from .metrics import classification_metrics
 from .predict import PREPROCESS_FILE, preprocess_spec
-from .tracking import download, main_client, process_tags
+from .tracking import compute_tags, download, main_client, process_tags
 
 
 def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict[str, dict]]:
@@ -58,13 +59,15 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict[s
 JOB_FILE = "job.json"  # a job run's index entry, logged last: a FINISHED job run holding it is complete
 
 
-def job_run(job: Job, model_name: str, dataset: str, stage_key: str, parent_run_id: str | None = None):
-    """The job's nested MLflow run, named `finetune/<arm>/k<k>/seed<s>`, tagged with its stage's key; under the
-    active run, or under `parent_run_id` (from a thread with no active run of its own)."""
+def job_run(job: Job, model_name: str, dataset: str, stage_key: str, parent_run_id: str | None = None,
+            trainer: dict[str, str] | None = None):
+    """The job's nested MLflow run, named `finetune/<arm>/k<k>/seed<s>`, tagged with its stage's key and the logging
+    process; under the active run, or under `parent_run_id` (from a thread with no active run of its own).
+    `trainer`: the `trainer_tags` of the process that trained the job, when another one did."""
     return mlflow.start_run(run_name=job.name, nested=True, parent_run_id=parent_run_id,
                             tags={"pipeline.stage": "finetune-run", "pipeline.stage_key": stage_key, "arm": job.arm,
                                   "k": str(job.k), "seed": str(job.seed), "backbone": model_name, "dataset": dataset,
-                                  **process_tags()})
+                                  **process_tags(), **(trainer or {})})
 
 
 def finished_jobs(stage_key: str, out_dir: Path, log_models: bool) -> dict[Job, dict]:
@@ -196,16 +199,24 @@ class JobLogger:
         mlflow.log_artifacts(str(self.val_dir), "val_predictions")
 
 
-def train_to_send(job: Job, logger: JobLogger, seed: int, speed: dict[str, Any]) -> JobResult:
-    """`train_job` for a torchrun rank: its model on the CPU, ready to travel to rank 0."""
+def trainer_tags() -> dict[str, str]:
+    """Which torchrun process trained a job (`pipeline.trained_by`: rank and host), with what its figures depend on."""
+    return {"pipeline.trained_by": f"rank {distributed.world()[0]} on {socket.gethostname()}", **compute_tags()}
+
+
+def train_to_send(job: Job, logger: JobLogger, seed: int, speed: dict[str, Any]) -> tuple[JobResult, dict[str, str]]:
+    """`train_job` for a torchrun rank: the result, its model on the CPU ready to travel to rank 0, and this
+    process's `trainer_tags`."""
     res = train_job(logger.inputs[logger.arms[job.arm].model], logger.ft, job, logger.arms[job.arm], seed, **speed)
     res.model.cpu()
-    return res
+    return res, trainer_tags()
 
 
-def log_job(res: JobResult, logger: JobLogger, dataset: str, stage_key: str, parent_run_id: str) -> None:
+def log_job(trained: tuple[JobResult, dict[str, str]], logger: JobLogger, dataset: str, stage_key: str,
+            parent_run_id: str) -> None:
     """A job trained under torchrun, logged into its nested run (rank 0, from `share_work`'s own thread)."""
-    with job_run(res.job, logger.arms[res.job.arm].model, dataset, stage_key, parent_run_id):
+    res, trainer = trained
+    with job_run(res.job, logger.arms[res.job.arm].model, dataset, stage_key, parent_run_id, trainer):
         logger.log(res, live=False)
 
 

@@ -187,12 +187,16 @@ def process_tags() -> dict[str, str]:
     (`OMP_NUM_THREADS`; torchrun sets 1 per process), and kernels differ by CPU and instruction set (torch's
     `ATEN_CPU_CAPABILITY`) and by package version, so the CPU, the instruction set torch uses and the versions are
     recorded too."""
-    import torch
     return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid()),
-            "pipeline.pid_start": f"{_process_start(os.getpid()):.3f}",
-            "pipeline.torch_threads": str(torch.get_num_threads()),
-            "pipeline.cpu": cpu_name(), "pipeline.cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "pipeline.versions": numeric_versions()}
+            "pipeline.pid_start": f"{_process_start(os.getpid()):.3f}", **compute_tags()}
+
+
+def compute_tags() -> dict[str, str]:
+    """The part of `process_tags` that a run's figures depend on (threads, CPU, instruction set, versions): a job
+    trained by another torchrun process carries its trainer's, and is tagged with them (`pipeline.trained_by`)."""
+    import torch
+    return {"pipeline.torch_threads": str(torch.get_num_threads()), "pipeline.cpu": cpu_name(),
+            "pipeline.cpu_capability": torch.backends.cpu.get_cpu_capability(), "pipeline.versions": numeric_versions()}
 
 
 def close_dead_runs(client=None) -> list[str]:

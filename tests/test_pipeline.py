@@ -532,6 +532,11 @@ def test_torchrun_finetune_spreads_runs_and_equals_single_process(tmp_path, real
     children = [r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "finetune-run"]
     assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
     assert all("test_auc" in r.data.metrics and "val_auc" in r.data.metrics for r in children)
+    # each torchrun job names the process that trained it (the single process's jobs name none); rank 0 logged all
+    ddp = [r for r in children if "pipeline.trained_by" in r.data.tags]
+    assert sorted(r.data.tags["pipeline.trained_by"].split(" on ")[0] for r in ddp) == (
+        ["rank 0"] * counts[0] + ["rank 1"] * counts[1])
+    assert len({r.data.tags["pipeline.pid"] for r in ddp}) == 1
 
 
 def test_torchrun_finetune_killed_by_sigkill_keeps_logged_jobs_and_equals_single_process(tmp_path, real_data):
