@@ -1,4 +1,5 @@
-"""torchrun support: one process per device; meta-batch tasks split across ranks, meta-gradients all-reduced.
+"""torchrun support: one process per device; meta-batch tasks split across ranks, meta-gradients all-reduced;
+fine-tuning jobs shared as a work queue (`share_work`).
 
 Only rank 0 writes to the project's MLflow store; other ranks read it (upstream runs, resume state) and send
 their own tracking calls to a throwaway store, so stage code needs no rank checks around every log call.
@@ -58,16 +59,6 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and world()[1] > 1:
         return torch.device("cuda", _local()[0] % max(torch.cuda.device_count(), 1))
     return device
-
-
-def gather_to_main(obj: Any) -> list[Any] | None:
-    """Every rank's `obj` on rank 0 (in rank order), None elsewhere; [obj] for a plain run."""
-    rank, size = world()
-    if size == 1 or not dist.is_initialized():
-        return [obj]
-    out = [None] * size if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def from_main(obj: Any) -> Any:
