@@ -30,3 +30,13 @@ OMP_NUM_THREADS=1 python3 -m torch.distributed.run --standalone --nproc_per_node
 echo "torchrun finetune: $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s wall, start to exit"
 grep -E "rank [0-9]+/[0-9]+ (trained|on)" finetune.log || true
 python3 "$here/benchmarks/stage_times.py" --experiment fewshot-medmeta-smoke --standalone | grep -E "^finetune"
+python3 - "$NPROC" <<'PY'
+import sys
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name("fewshot-medmeta-smoke").experiment_id
+stage = c.search_runs([exp], "tags.`pipeline.stage` = 'finetune'")[0]
+jobs = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{stage.info.run_id}'", max_results=10000)
+busy = sum(j.data.metrics["seconds"] for j in jobs) / (int(sys.argv[1]) * stage.data.metrics["finetune_seconds"])
+print(f"busy: the jobs' own seconds are {busy:.3f} of {sys.argv[1]} processes x finetune_seconds")
+PY
