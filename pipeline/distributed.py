@@ -38,8 +38,8 @@ def _local() -> tuple[int, int]:
 
 def backend(device: torch.device) -> str:
     """NCCL for CUDA tensors when every local process has a GPU of its own, gloo for CPU tensors (the small
-    loss/accuracy sums, object broadcasts, the fine-tune queue's messages); gloo alone otherwise (CPU, or several processes per GPU: NCCL refuses two
-    ranks on one device, and small fine-tuning jobs gain from sharing a GPU)."""
+    loss/accuracy sums, object broadcasts, the fine-tune queue's messages); gloo alone otherwise (CPU, or several
+    processes per GPU: NCCL refuses two ranks on one device, and small fine-tuning jobs gain from sharing a GPU)."""
     if device.type == "cuda" and _local()[1] <= torch.cuda.device_count():
         return "cpu:gloo,cuda:nccl"
     return "gloo"
