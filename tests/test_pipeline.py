@@ -303,7 +303,7 @@ def test_torchrun_with_fewer_meta_tasks_than_processes_is_a_clear_error(tmp_path
 
 
 META = ["--config", SMOKE, "--set", "meta.algorithm=fomaml", "--set", "meta.iterations=10",
-        "--set", "meta.checkpoint_every=2", "--set", "meta.val_every=4"]
+        "--set", "meta.checkpoint_every=2", "--set", "meta.val_every=2"]  # a validated best in every state
 
 
 def final_meta_weights(uri, experiment):
@@ -319,7 +319,7 @@ def test_meta_interrupted_by_sigterm_resumes_to_the_same_weights(tmp_path, real_
     root = ["--set", f"data.root={real_data}"]
     uri_a = f"sqlite:///{tmp_path / 'a.db'}"
     cli(["run", "--stage", "backbone,meta", *META, *root], tmp_path, uri_a)
-    _, full = final_meta_weights(uri_a, "fewshot-medmeta-smoke")
+    run_a, full = final_meta_weights(uri_a, "fewshot-medmeta-smoke")
 
     uri_b = f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
     (tmp_path / "b").mkdir()
@@ -347,6 +347,14 @@ def test_meta_interrupted_by_sigterm_resumes_to_the_same_weights(tmp_path, real_
     assert set(resumed) == set(full)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
+    # the resumed run carries the step-0 reference and the best so far, as the uninterrupted run does
+    at = int(re.search(r"resuming run \w+ at iteration (\d+)/", p.stdout).group(1))
+    for key in ("meta_val_start_acc", "meta_val_best_acc"):
+        assert run.data.metrics[key] == run_a.data.metrics[key], key
+    best = MlflowClient(uri_b).get_metric_history(run.info.run_id, "meta_val_best_acc")
+    assert at in [h.step for h in best]
+    assert f"(before meta-training {run_a.data.metrics['meta_val_start_acc']:.3f})" in p.stdout
+    assert 0 < run.data.metrics["meta_seconds"]
 
 
 FT = ["--config", SMOKE, "--set", "finetune.arms=[scratch,transfer]", "--set", "finetune.seeds=2"]  # 8 jobs

@@ -36,7 +36,7 @@ class MetaResult:
     model: nn.Module
     learner: MetaLearner
     best_acc: float
-    start_acc: float | None  # meta-validation accuracy before any meta-training (None when resumed)
+    start_acc: float | None  # meta-validation accuracy before any meta-training (None: resumed from an older state)
     resumed_from: str  # run id of the interrupted run continued, or ""
 
 
@@ -139,7 +139,7 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(m.lr_schedule, m.iterations))
     batched = m.batched
 
-    start, best_acc, best_state, resumed_from = 0, -1.0, None, ""
+    start, best_acc, best_state, resumed_from, start_acc, seconds_before = 0, -1.0, None, "", None, 0.0
     found = find_resume_state(resume_key) if resume_key else None
     if found:
         resumed_from, st = found
@@ -148,10 +148,16 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["rng"])
         start, best_acc, best_state = st["iteration"], st["best_acc"], st["best_state"]
+        # states written before these keys existed resume without them
+        start_acc, seconds_before = st.get("start_acc"), st.get("seconds", 0.0)
         mlflow.set_tag("resumed_from", resumed_from)
         print(f"[meta] resuming run {resumed_from} at iteration {start}/{m.iterations}", flush=True)
+        # this run is the one a user reads: it carries the step-0 reference and the best so far, which it
+        # would otherwise log only if a later step beat it
+        mlflow.log_metrics({"meta_val_best_acc": best_acc} if best_acc >= 0 else {}, step=start)
+        if start_acc is not None:
+            mlflow.log_metrics({"meta_val_acc": start_acc, "meta_val_start_acc": start_acc}, step=0)
 
-    start_acc = None
     if start == 0 and m.iterations:
         # the same validation tasks before any meta-training: the reference the checkpoints are read against
         # (reported, not a candidate: the meta arm stays a meta-trained initialisation); not in meta_seconds
@@ -201,12 +207,15 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
         if ((it + 1) % m.checkpoint_every == 0 or last) and rank == 0:
             state = {"learner": learner.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "rng": torch.get_rng_state(), "iteration": it + 1, "best_acc": best_acc,
-                     "best_state": best_state}
+                     "best_state": best_state, "start_acc": start_acc,
+                     "seconds": seconds_before + time.time() - t0}
             atomic_save(state, work / "last.pt")
             mlflow.log_artifact(str(work / "last.pt"), "state")
     elapsed, done = time.time() - t0, m.iterations - start
+    if m.iterations:  # every attempt's checkpointed time plus this one's; the rate is this attempt's
+        mlflow.log_metric("meta_seconds", seconds_before + elapsed)
     if done:
-        mlflow.log_metrics({"meta_seconds": elapsed, "meta_tasks_per_s": done * m.meta_batch / max(elapsed, 1e-9)})
+        mlflow.log_metric("meta_tasks_per_s", done * m.meta_batch / max(elapsed, 1e-9))
 
     if best_state is not None:
         learner.load_state_dict(best_state)
