@@ -154,7 +154,8 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
         print(f"[meta] resuming run {resumed_from} at iteration {start}/{m.iterations}", flush=True)
         # this run is the one a user reads: it carries the step-0 reference and the best so far, which it
         # would otherwise log only if a later step beat it
-        mlflow.log_metrics({"meta_val_best_acc": best_acc} if best_acc >= 0 else {}, step=start)
+        if best_acc >= 0:  # -1: no validation before the state was written
+            mlflow.log_metric("meta_val_best_acc", best_acc, step=start)
         if start_acc is not None:
             mlflow.log_metrics({"meta_val_acc": start_acc, "meta_val_start_acc": start_acc}, step=0)
 
