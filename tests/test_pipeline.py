@@ -353,6 +353,10 @@ def test_meta_interrupted_by_sigterm_resumes_to_the_same_weights(tmp_path, real_
         assert run.data.metrics[key] == run_a.data.metrics[key], key
     best = MlflowClient(uri_b).get_metric_history(run.info.run_id, "meta_val_best_acc")
     assert at in [h.step for h in best]
+    for key in ("meta_val_acc", "meta_val_loss"):  # step 0 of each validation curve, as the uninterrupted run's
+        step0 = [h.value for h in MlflowClient(uri_b).get_metric_history(run.info.run_id, key) if h.step == 0]
+        assert step0 == [h.value for h in MlflowClient(uri_a).get_metric_history(run_a.info.run_id, key)
+                         if h.step == 0], key
     assert f"(before meta-training {run_a.data.metrics['meta_val_start_acc']:.3f})" in p.stdout
     assert 0 < run.data.metrics["meta_seconds"]
 

@@ -139,7 +139,8 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(m.lr_schedule, m.iterations))
     batched = m.batched
 
-    start, best_acc, best_state, resumed_from, start_acc, seconds_before = 0, -1.0, None, "", None, 0.0
+    start, best_acc, best_state, resumed_from, seconds_before = 0, -1.0, None, "", 0.0
+    start_acc, start_loss = None, None
     found = find_resume_state(resume_key) if resume_key else None
     if found:
         resumed_from, st = found
@@ -149,7 +150,7 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
         torch.set_rng_state(st["rng"])
         start, best_acc, best_state = st["iteration"], st["best_acc"], st["best_state"]
         # states written before these keys existed resume without them
-        start_acc, seconds_before = st.get("start_acc"), st.get("seconds", 0.0)
+        start_acc, start_loss, seconds_before = st.get("start_acc"), st.get("start_loss"), st.get("seconds", 0.0)
         mlflow.set_tag("resumed_from", resumed_from)
         print(f"[meta] resuming run {resumed_from} at iteration {start}/{m.iterations}", flush=True)
         # this run is the one a user reads: it carries the step-0 reference and the best so far, which it
@@ -157,13 +158,15 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
         if best_acc >= 0:  # -1: no validation before the state was written
             mlflow.log_metric("meta_val_best_acc", best_acc, step=start)
         if start_acc is not None:
-            mlflow.log_metrics({"meta_val_acc": start_acc, "meta_val_start_acc": start_acc}, step=0)
+            step0 = {"meta_val_acc": start_acc, "meta_val_start_acc": start_acc}
+            mlflow.log_metrics(step0 | ({} if start_loss is None else {"meta_val_loss": start_loss}), step=0)
 
     if start == 0 and m.iterations:
         # the same validation tasks before any meta-training: the reference the checkpoints are read against
         # (reported, not a candidate: the meta arm stays a meta-trained initialisation); not in meta_seconds
-        vl0, start_acc = validate(learner, va, m, dev, cl)
-        mlflow.log_metrics({"meta_val_loss": vl0, "meta_val_acc": start_acc, "meta_val_start_acc": start_acc}, step=0)
+        start_loss, start_acc = validate(learner, va, m, dev, cl)
+        mlflow.log_metrics({"meta_val_loss": start_loss, "meta_val_acc": start_acc, "meta_val_start_acc": start_acc},
+                           step=0)
         print(f"[meta] before meta-training: meta-val accuracy {start_acc:.3f}", flush=True)
     t0 = time.time()
     bar = tqdm(range(start, m.iterations), desc=f"meta/{m.algorithm}", initial=start, total=m.iterations,
@@ -208,7 +211,7 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
         if ((it + 1) % m.checkpoint_every == 0 or last) and rank == 0:
             state = {"learner": learner.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "rng": torch.get_rng_state(), "iteration": it + 1, "best_acc": best_acc,
-                     "best_state": best_state, "start_acc": start_acc,
+                     "best_state": best_state, "start_acc": start_acc, "start_loss": start_loss,
                      "seconds": seconds_before + time.time() - t0}
             atomic_save(state, work / "last.pt")
             mlflow.log_artifact(str(work / "last.pt"), "state")
