@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Few-shot medical image classification: ImageNet transfer plus meta-learning (MAML, "
-                    "first-order MAML, ANIL, Reptile, Meta-SGD), every stage tracked in MLflow.",
+                    "first-order MAML, ANIL, Reptile, Meta-SGD, ProtoNet; a supervised multitask control), every stage "
+                    "tracked in MLflow.",
         epilog=EXAMPLES)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
