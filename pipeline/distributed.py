@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -21,6 +23,7 @@ from .scratch import scratch_dir
 
 T = TypeVar("T")
 R = TypeVar("R")
+_watcher: threading.Thread | None = None  # watch_launcher's thread, once started
 
 
 def world() -> tuple[int, int]:
@@ -52,6 +55,34 @@ def init(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(local_device(device))
         dist.init_process_group(backend(device), rank=rank, world_size=size, timeout=timedelta(hours=6))
+
+
+def watch_launcher(grace_s: float = 30.0, poll_s: float = 1.0) -> threading.Thread | None:
+    """Under torchrun, end this process when its launcher dies; None (no thread) in a plain run.
+
+    torchrun starts its workers in sessions of their own, so a SIGKILL of the launcher (or of its process group)
+    leaves them training, and the same command run again would train beside them instead of resuming. A daemon
+    thread sees the launcher go (the parent pid changes) and sends this process SIGTERM, which ends its runs
+    KILLED; a process still alive `grace_s` later (stuck in a collective) gets SIGKILL, and the next pipeline
+    process closes what it left RUNNING."""
+    global _watcher
+    if world()[1] == 1:
+        return None
+    if _watcher is not None:  # one per process, however many pipelines it chains
+        return _watcher
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"[rank {world()[0]}] the torchrun launcher (pid {launcher}) is gone; stopping", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _watcher = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    _watcher.start()
+    return _watcher
 
 
 def local_device(device: torch.device) -> torch.device:

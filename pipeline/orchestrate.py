@@ -137,6 +137,7 @@ class Runner:
                 raise PipelineError(f"meta.meta_batch={self.cfg.meta.meta_batch} is smaller than the {world} torchrun "
                                     f"processes, and every process needs a task of each meta-batch; raise "
                                     f"meta.meta_batch or start fewer processes")
+            distributed.watch_launcher()
             distributed.init(distributed.local_device(resolve_device(self.cfg.device)))
             if rank > 0:  # read the project's store, write to a private one
                 side = distributed.side_store()

@@ -1,4 +1,5 @@
 """End to end on the real data: `--stage all` with configs/smoke.yaml in a temporary MLflow store."""
+import contextlib
 import json
 import os
 import re
@@ -594,6 +595,41 @@ def test_torchrun_finetune_killed_by_sigkill_keeps_logged_jobs_and_equals_single
                                                        for s in (0, 1, 2))
     for name in single:
         np.testing.assert_allclose(resumed[name].values, single[name].values, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_torchrun_workers_stop_when_their_launcher_is_killed(tmp_path, real_data):
+    """torchrun starts its workers in sessions of their own, so a SIGKILL of the launcher alone used to leave them
+    meta-training (and a rerun trained beside them). Now each worker notices, ends its runs and exits."""
+    args = ["--config", SMOKE, "--set", f"data.root={real_data}", "--set", "meta.iterations=100000",
+            "--set", "meta.val_every=1000", "--set", "meta.checkpoint_every=1000", "--set", "meta.compile=false"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli(["run", "--stage", "backbone", *args], tmp_path, uri)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "pipeline", "run", "--stage", "meta", *args], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and log.read_text().count("before meta-training") < 2:
+        time.sleep(0.1)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    launcher = psutil.Process(proc.pid)
+    workers = launcher.children()
+    assert len(workers) == 2
+    launcher.kill()  # the launcher alone, as `kill -9 <torchrun pid>` does
+    proc.wait(timeout=60)
+    try:
+        _, alive = psutil.wait_procs(workers, timeout=120)
+        alive = [w for w in alive if w.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], log.read_text()[-3000:]
+    finally:
+        for w in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
+    assert log.read_text().count(f"the torchrun launcher (pid {proc.pid}) is gone; stopping") == 2
+    meta = [r for r in runs(uri, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "meta"]
+    assert [r.info.status for r in meta] == ["KILLED"]
 
 
 def test_predict_with_registered_model_matches_test_predictions(smoke):
