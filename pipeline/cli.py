@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "first-order MAML, ANIL, Reptile, Meta-SGD, ProtoNet; a supervised multitask control), every stage "
                     "tracked in MLflow.",
         epilog=EXAMPLES)
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="debug logging, with MLflow's progress bars and INFO lines (hidden otherwise)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run pipeline stages", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     return ap
+
+
+# MLflow warnings that every logged model repeats, known and intended here: whole-model pickles, a Python pyfunc
+_MLFLOW_REPEATS = {"mlflow.pytorch": "Saving pytorch model by Pickle", "mlflow.pyfunc": "Passing a Python object as"}
+
+
+def quiet_mlflow() -> None:
+    """Keep the console to the stages' own lines and the results: no artifact progress bars, no MLflow INFO lines
+    (system-metrics start/stop, signature inference), not the warnings each logged model repeats. Set before
+    MLflow is imported (it reads MLFLOW_LOGGING_LEVEL then); `-v`, or either variable set by the user, keeps them."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name, prefix in _MLFLOW_REPEATS.items():
+        logging.getLogger(name).addFilter(lambda record, p=prefix: not str(record.msg).startswith(p))
 
 
 def _sigterm(signum, frame):  # SIGTERM ends runs as KILLED, like Ctrl-C
@@ -134,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        quiet_mlflow()
     signal.signal(signal.SIGTERM, _sigterm)
     from .backbone import WeightsError
     from .data import DataError

@@ -52,8 +52,18 @@ def smoke(tmp_path_factory, real_data):
     t0 = time.time()
     p = cli(["run", "--stage", "all", "--config", SMOKE, "--set", f"data.root={real_data}"], tmp, uri,
             env={"TMPDIR": str(tmp / "tmpdir")})
-    return {"dir": tmp, "uri": uri, "stdout": p.stdout, "seconds": time.time() - t0, "root": real_data,
+    return {"dir": tmp, "uri": uri, "stdout": p.stdout, "stderr": p.stderr, "seconds": time.time() - t0,
+            "root": real_data,
             "tmpdir": tmp / "tmpdir"}
+
+
+def test_console_keeps_to_the_stages_and_the_results(smoke):
+    """MLflow's chatter (artifact progress bars, its INFO lines, the warnings every logged model repeats; about half
+    of a smoke run's console before) is off unless -v, so the stages' lines and the results table stand out."""
+    text = smoke["stdout"] + smoke["stderr"]
+    assert "[evaluate] finished run" in text and "| k/class | chosen |" in text
+    for noise in ("Downloading artifacts", " INFO mlflow", "Saving pytorch model by Pickle", "Passing a Python object"):
+        assert noise not in text, noise
 
 
 def test_all_stages_make_parent_and_four_finished_children(smoke):
