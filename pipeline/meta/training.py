@@ -157,17 +157,15 @@ def meta_train(cfg: PipelineConfig, ckpt: dict, dev: torch.device, work: Path, r
         # would otherwise log only if a later step beat it
         if best_acc >= 0:  # -1: no validation before the state was written
             mlflow.log_metric("meta_val_best_acc", best_acc, step=start)
-        if start_acc is not None:
-            step0 = {"meta_val_acc": start_acc, "meta_val_start_acc": start_acc}
-            mlflow.log_metrics(step0 | ({} if start_loss is None else {"meta_val_loss": start_loss}), step=0)
 
     if start == 0 and m.iterations:
         # the same validation tasks before any meta-training: the reference the checkpoints are read against
         # (reported, not a candidate: the meta arm stays a meta-trained initialisation); not in meta_seconds
         start_loss, start_acc = validate(learner, va, m, dev, cl)
-        mlflow.log_metrics({"meta_val_loss": start_loss, "meta_val_acc": start_acc, "meta_val_start_acc": start_acc},
-                           step=0)
         print(f"[meta] before meta-training: meta-val accuracy {start_acc:.3f}", flush=True)
+    if start_acc is not None:  # a fresh run's step 0, or a resumed run's from its state (None: older states)
+        step0 = {"meta_val_acc": start_acc, "meta_val_start_acc": start_acc}
+        mlflow.log_metrics(step0 | ({} if start_loss is None else {"meta_val_loss": start_loss}), step=0)
     t0 = time.time()
     bar = tqdm(range(start, m.iterations), desc=f"meta/{m.algorithm}", initial=start, total=m.iterations,
                dynamic_ncols=True)
