@@ -190,6 +190,9 @@ class FinetuneConfig:
     # chosen on validation at k=20 and k=100, docs/experiments/09-noisy-student.md) or "recipe" (the teacher's)
     pseudo_augment: str = "strong"
     min_steps_per_epoch: int = 4  # tiny k: repeat the set so an epoch has a few steps
+    # write a job's progress at the end of an epoch at most every this many seconds, so that a run killed mid-job
+    # continues from there (pipeline/job_state.py); 0: every epoch; negative: never (a cut-off job starts again)
+    checkpoint_seconds: float = field(default=60.0, metadata=SPEED)
     log_models: bool = True  # log every final model with mlflow.pytorch (signature, input example, preprocessing)
     registry_name: str = "fewshot-medmeta"  # register each arm's best-by-validation model as <name>-<arm>; "" = off
     meta_from_runs: list[str] = field(default_factory=list)  # extra meta runs, one arm each

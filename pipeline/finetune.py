@@ -18,6 +18,7 @@ from torch import nn
 from .backbone import build_from_checkpoint, create_backbone, head_prefix, resolve_data_info
 from .config import FinetuneConfig, PipelineConfig
 from .data import DataError, ImageDataset, LabeledData, Split, sample_kshot
+from .job_state import JobState
 from .train import FitResult, fit, predict_proba, self_train_rounds, stack_inputs
 from .transforms import AlbumentationsTransform, build_transform
 
@@ -185,44 +186,61 @@ def prepare_inputs(cfg: PipelineConfig, target: LabeledData, backbone: dict, wit
 def train_job(data: TargetInputs, ft: FinetuneConfig, job: Job, arm: Arm, seed: int, dev: torch.device,
               channels_last: bool = False, num_workers: int = 0, compile: bool = False,
               on_epoch: Callable[[int, dict], None] | None = None,
-              before_round: Callable[[int, nn.Module, FitResult], None] | None = None) -> JobResult:
+              before_round: Callable[[int, nn.Module, FitResult], None] | None = None,
+              state: JobState | None = None) -> JobResult:
     """One (arm, k, seed) fine-tune, self-training rounds included, and its one test pass (when `data.x_test` is
     there). `seed` is the pipeline seed; `on_epoch(epoch, record)` sees every epoch's curve point and
-    `before_round(round, teacher, its fit)` every self-training teacher. No tracking calls: any process can run it."""
+    `before_round(round, teacher, its fit)` every self-training teacher. `state`: where the job saves its progress
+    and, if an earlier attempt was cut off, continues from (same result). No tracking calls: any process can run it."""
     t0 = time.time()
     tr, va = data.split("train"), data.split("val")
     split_seed, tr_idx, va_idx = job_subsets(tr.labels, va.labels, job.k, data.n_val, seed, job.seed,
                                              data.target.source)
     rs = job_seed(split_seed, arm.replica)
-    extra: dict[str, float] = {}
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # dropout: a per-job seed
         model = build_arm_model(arm.checkpoint, data.model_name, data.n_classes, rs)
         train_t = build_job_transform(ft, data.size, data.dinfo, rs)
+        student_t = student_transform(ft, train_t, data.size, data.dinfo, rs)
         train_ds = ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], train_t)
         x_sel, y_sel = data.x_val[torch.from_numpy(va_idx)], va.labels[va_idx]
         head_inputs = None  # the k labelled images, as the eval transform makes them, for a prototype head
         if ft.head_init == "prototype":
             head_inputs = (stack_inputs(ImageDataset([tr.images[i] for i in tr_idx], tr.labels[tr_idx], data.eval_t)),
                            tr.labels[tr_idx])
-        res = fit(model, train_ds, x_sel, y_sel, ft, dev, seed=rs, head=head_prefix(model), n_classes=data.n_classes,
-                  on_epoch=on_epoch, num_workers=num_workers, channels_last=channels_last, compile=compile,
-                  head_inputs=head_inputs)
-
-        def note_teacher(rnd: int, teacher: nn.Module, teacher_fit: FitResult) -> None:
-            extra["teacher_val_auc" if rnd == 0 else f"round{rnd}_val_auc"] = teacher_fit.best_val_auc
-            if before_round:
-                before_round(rnd, teacher, teacher_fit)
+        done = None
+        if state:
+            state.track(train_t, student_t)
+            done = (state.load() or {}).get("done")
+            if state.resumed_epochs:
+                print(f"[finetune] {job.name}: continues after the {state.resumed_epochs} epoch(s) an earlier attempt "
+                      f"saved", flush=True)
+        if done:  # an earlier attempt finished this phase: its model, fit and random streams, its curve again
+            model.load_state_dict(done["model"])
+            res = done["fit"]
+            state.set_rng(done["rng"])
+            for e, rec in enumerate(done["history"] if on_epoch else []):
+                on_epoch(e, rec)
+        else:
+            res = fit(model, train_ds, x_sel, y_sel, ft, dev, seed=rs, head=head_prefix(model),
+                      n_classes=data.n_classes, on_epoch=on_epoch, num_workers=num_workers,
+                      channels_last=channels_last, compile=compile, head_inputs=head_inputs, state=state)
+            if state:
+                state.finish_phase(0, {"model": model.state_dict(), "fit": res, "history": res.history,
+                                       "seen": res.images_seen, "first": 0, "diag": {}, "teachers": []})
         # self-training: the fine-tuned model becomes the teacher; its student (after the last round) is final
         st = self_train_rounds(
             model, res, lambda: build_arm_model(arm.checkpoint, data.model_name, data.n_classes, rs), ft, tr, tr_idx,
-            data.eval_t, student_transform(ft, train_t, data.size, data.dinfo, rs), x_sel, y_sel, dev, seed=rs,
-            n_classes=data.n_classes, before_round=note_teacher, on_epoch=on_epoch, channels_last=channels_last,
+            data.eval_t, student_t, x_sel, y_sel, dev, seed=rs, n_classes=data.n_classes,
+            before_round=before_round, on_epoch=on_epoch, state=state, channels_last=channels_last,
             num_workers=num_workers, compile=compile, head_inputs=head_inputs)
-        extra |= st.diagnostics
+        extra = {"teacher_val_auc" if r == 0 else f"round{r}_val_auc": auc for r, auc in enumerate(st.teacher_val_aucs)}
+        extra |= st.diagnostics | ({"resumed_epochs": float(state.resumed_epochs)} if state and state.resumed_epochs
+                                   else {})
         val_prob = predict_proba(st.model, data.x_val, dev, channels_last=channels_last, tta=ft.tta)
         prob = None
         if data.x_test is not None:  # the one test pass
             prob = predict_proba(st.model, data.x_test, dev, channels_last=channels_last, tta=ft.tta)
     return JobResult(job, st.model, st.history,
                      st.first_epoch + st.fit.best_epoch, st.first_epoch, st.fit.best_val_auc, prob, val_prob,
-                     len(tr_idx), len(va_idx), time.time() - t0, st.images_seen, extra)
+                     len(tr_idx), len(va_idx), time.time() - t0 + (state.seconds_before if state else 0.0),
+                     st.images_seen, extra)

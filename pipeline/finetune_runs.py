@@ -3,6 +3,7 @@ metrics, predictions CSV and model, the stage's `predictions/index.json`, and th
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from functools import partial
 from pathlib import Path
@@ -18,9 +19,10 @@ from .backbone import load_checkpoint
 from .config import ConfigError, FinetuneConfig, PipelineConfig, mlflow_key, parse_arm, replica_name
 from . import distributed
 from .finetune import Arm, Job, JobResult, TargetInputs, queue_order, train_job
+from .job_state import JobState
 from .metrics import classification_metrics
 from .predict import PREPROCESS_FILE, preprocess_spec
-from .tracking import compute_tags, download, main_client, process_tags
+from .tracking import compute_tags, download, local_state_dir, main_client, process_tags
 
 
 def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict[str, dict]]:
@@ -102,6 +104,19 @@ def finished_jobs(stage_key: str, out_dir: Path, log_models: bool) -> dict[Job, 
         download(f"{r.info.artifact_uri}/val_predictions/{entry['file']}", str(out_dir.parent / "val_predictions"))
         out[job] = entry
     return out
+
+
+def job_states_dir(stage_key: str) -> Path:
+    """Where the jobs of a finetune stage save their progress: one folder per stage key beside the store, shared
+    by every process of this host (a torchrun job goes to whichever rank is free)."""
+    return local_state_dir() / "job-states" / stage_key
+
+
+def job_state(job: Job, stage_key: str, ft: FinetuneConfig) -> JobState:
+    """The job's `JobState` (nothing saved without a stage key or with `finetune.checkpoint_seconds` < 0)."""
+    if not stage_key or ft.checkpoint_seconds < 0:
+        return JobState(None)
+    return JobState(job_states_dir(stage_key) / f"{job.arm}_k{job.k}_seed{job.seed}.pt", ft.checkpoint_seconds)
 
 
 def write_predictions(path: Path, labels: np.ndarray, prob: np.ndarray, class_names: list[str]) -> None:
@@ -204,10 +219,12 @@ def trainer_tags() -> dict[str, str]:
     return {"pipeline.trained_by": f"rank {distributed.world()[0]} on {socket.gethostname()}", **compute_tags()}
 
 
-def train_to_send(job: Job, logger: JobLogger, seed: int, speed: dict[str, Any]) -> tuple[JobResult, dict[str, str]]:
+def train_to_send(job: Job, logger: JobLogger, seed: int, speed: dict[str, Any], stage_key: str
+                  ) -> tuple[JobResult, dict[str, str]]:
     """`train_job` for a torchrun rank: the result, its model on the CPU ready to travel to rank 0, and this
-    process's `trainer_tags`."""
-    res = train_job(logger.inputs[logger.arms[job.arm].model], logger.ft, job, logger.arms[job.arm], seed, **speed)
+    process's `trainer_tags`. The job's saved progress stays until rank 0 has logged it."""
+    res = train_job(logger.inputs[logger.arms[job.arm].model], logger.ft, job, logger.arms[job.arm], seed,
+                    state=job_state(job, stage_key, logger.ft), **speed)
     res.model.cpu()
     return res, trainer_tags()
 
@@ -218,22 +235,27 @@ def log_job(trained: tuple[JobResult, dict[str, str]], logger: JobLogger, datase
     res, trainer = trained
     with job_run(res.job, logger.arms[res.job.arm].model, dataset, stage_key, parent_run_id, trainer):
         logger.log(res, live=False)
+    job_state(res.job, stage_key, logger.ft).remove()
 
 
 def run_jobs(jobs: list[Job], done: dict[Job, dict], logger: JobLogger, seed: int, speed: dict[str, Any],
-             dataset: str, stage_key: str) -> bool:
+             dataset: str, stage_key: str, resume: bool = True) -> bool:
     """Train every job of `jobs` not in `done` (`finished_jobs`) and log it into its nested run; keep the others.
     Under torchrun the ranks share the jobs as a queue (`distributed.share_work`: a rank takes the next job as soon
     as it is free) and rank 0 logs each job as it arrives, so a killed run keeps every job that finished; alone,
     jobs run in order with their curves logged live, epoch by epoch. `speed`: the device and speed options of
-    `train_job`. Returns False on ranks > 0, which only train."""
+    `train_job`. A job cut off mid-way in an earlier attempt continues from its saved progress (`job_state`)
+    unless `resume` is False. Returns False on ranks > 0, which only train."""
     rank, world = distributed.world()
+    if rank == 0 and not resume:
+        shutil.rmtree(job_states_dir(stage_key), ignore_errors=True)
     todo = distributed.from_main([job for job in jobs if job not in done])
     arms = logger.arms
     if world > 1:
         print(f"[finetune] rank {rank}/{world} on {speed['dev']}: takes the next of {len(todo)} runs whenever it is "
               f"free", flush=True)
-        n = distributed.share_work(queue_order(todo), partial(train_to_send, logger=logger, seed=seed, speed=speed),
+        n = distributed.share_work(queue_order(todo),
+                                   partial(train_to_send, logger=logger, seed=seed, speed=speed, stage_key=stage_key),
                                    partial(log_job, logger=logger, dataset=dataset, stage_key=stage_key,
                                            parent_run_id=mlflow.active_run().info.run_id))
         print(f"[finetune] rank {rank}/{world} trained {n} of {len(todo)} runs", flush=True)
@@ -244,10 +266,14 @@ def run_jobs(jobs: list[Job], done: dict[Job, dict], logger: JobLogger, seed: in
         if job in done:
             logger.keep(job, done[job])
         elif job in todo:
+            state = job_state(job, stage_key, logger.ft)
             with job_run(job, arms[job.arm].model, dataset, stage_key):
                 logger.log(train_job(logger.inputs[arms[job.arm].model], logger.ft, job, arms[job.arm], seed,
-                                     on_epoch=log_epoch, **speed), live=True)
+                                     on_epoch=log_epoch, state=state, **speed), live=True)
+            state.remove()
     logger.write_index(jobs)
+    if stage_key:  # every job is logged: no progress left to keep
+        shutil.rmtree(job_states_dir(stage_key), ignore_errors=True)
     return True
 
 

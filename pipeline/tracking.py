@@ -13,6 +13,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import mlflow
 import yaml
@@ -35,6 +36,19 @@ MAIN_STORE = {"uri": ""}  # the project's store; ranks > 0 of a torchrun job log
 def main_store_uri() -> str:
     """The project's store (set by `setup_tracking`)."""
     return MAIN_STORE["uri"] or default_tracking_uri()
+
+
+def local_state_dir() -> Path:
+    """A folder beside the project's store for progress that must outlive a killed process (fine-tune jobs cut off
+    mid-way): the store's own folder for an SQLite or file store, else ./mlruns."""
+    uri = main_store_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent
+    if uri.startswith("file:"):
+        return Path(urlparse(uri).path)
+    if "://" not in uri:
+        return Path(uri)
+    return Path("mlruns").resolve()
 
 
 def main_client():

@@ -16,6 +16,7 @@ from .backbone import head_prefix, zero_head
 from .config import FinetuneConfig
 from .data import DataError, ImageDataset, Split
 from .device import autocast, to_memory_format
+from .job_state import JobState
 from .meta.algorithms import prototype_linear
 from .metrics import classification_metrics
 
@@ -82,13 +83,16 @@ def log_loss(y: np.ndarray, prob: np.ndarray) -> float:
 def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: np.ndarray,
         ft: FinetuneConfig, dev: torch.device, seed: int, head: str, n_classes: int,
         on_epoch: Callable[[int, dict], None] | None = None, num_workers: int = 0, channels_last: bool = False,
-        compile: bool = False, head_inputs: tuple[torch.Tensor, np.ndarray] | None = None) -> FitResult:
+        compile: bool = False, head_inputs: tuple[torch.Tensor, np.ndarray] | None = None,
+        state: JobState | None = None, phase: int = 0) -> FitResult:
     """Train in place; leaves `model` holding the weights of the best validation epoch: highest AUC, ties (a
     saturated AUC of 1.0 is common with 50 images per class) broken by the lower validation log loss.
 
     `x_val` holds the validation images already transformed (`stack_inputs`): one eval-transform pass per stage,
     not per epoch. `head_inputs`: the labelled images (eval-transformed) and labels that `finetune.head_init=prototype`
-    builds the head from. `ft.epochs=0`: no gradient step; the model is scored on validation as it is."""
+    builds the head from. `ft.epochs=0`: no gradient step; the model is scored on validation as it is.
+    `state`: where this fit (`phase` of its job) saves its progress and, if it stopped part-way, continues from;
+    the epochs done before are passed to `on_epoch` again."""
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -130,8 +134,18 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
     best = FitResult(-1, -math.inf)
     best_key: tuple[float, float] = (-math.inf, -math.inf)
     best_state = None
-    since = 0
-    for epoch in range(total):
+    since, start = 0, 0
+    saved = state.fit_state(phase) if state else None
+    if saved:  # a fit cut off part-way: everything the next epoch reads, as it was at the end of the last saved one
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        g.set_state(saved["g"])
+        best, best_key, best_state, since, start = (saved["best"], saved["best_key"], saved["best_state"],
+                                                    saved["since"], saved["epoch"])
+        state.set_rng(saved["rng"])
+        for e, rec in enumerate(best.history if on_epoch else []):
+            on_epoch(e, rec)
+    for epoch in range(start, total):
         opt.param_groups[0]["lr"] = ft.lr_body * body_factor(epoch)
         opt.param_groups[1]["lr"] = ft.lr_head * head_factor(epoch)
         # Linear probe: the body (BN statistics included) stays as initialised, dropout off.
@@ -161,6 +175,10 @@ def fit(model: nn.Module, train: ImageDataset, x_val: torch.Tensor, val_labels: 
             since += 1
             if epoch >= warm and since >= ft.patience:
                 break
+        if state and state.due() and epoch + 1 < total:
+            state.save_fit(phase, {"epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+                                   "g": g.get_state(), "best": best, "best_key": best_key, "best_state": best_state,
+                                   "since": since})
     if best_state is not None:
         model.load_state_dict(best_state)
     return best
@@ -227,24 +245,36 @@ class SelfTrained:
     images_seen: int  # training images of every fit
     first_epoch: int  # where the final fit's curve starts in `history`
     diagnostics: dict[str, float]  # the last round's pseudo-label figures
+    teacher_val_aucs: list[float] = field(default_factory=list)  # each round's teacher's best validation AUC
 
 
 def self_train_rounds(model: nn.Module, res: FitResult, make_student: Callable[[], nn.Module], ft: FinetuneConfig,
                       train: Split, labelled: np.ndarray, eval_t: Callable, train_t: Callable, x_val: torch.Tensor,
                       val_labels: np.ndarray, dev: torch.device, seed: int, n_classes: int,
                       before_round: Callable[[int, nn.Module, FitResult], None] | None = None,
-                      on_epoch: Callable[[int, dict], None] | None = None, **kw) -> SelfTrained:
+                      on_epoch: Callable[[int, dict], None] | None = None, state: JobState | None = None,
+                      **kw) -> SelfTrained:
     """`ft.pseudo_rounds` rounds of `self_train` after the fine-tune that gave (`model`, `res`); none when
     `ft.pseudo_per_class` is 0. Each round's student teaches the next; `before_round(rnd, teacher, its fit)` sees
-    every teacher first. The curves continue across rounds (`on_epoch` gets continued epoch numbers)."""
-    history, seen, first, diag = list(res.history), res.images_seen, 0, {}
-    for rnd in range(ft.pseudo_rounds if ft.pseudo_per_class else 0):
+    every teacher first. The curves continue across rounds (`on_epoch` gets continued epoch numbers).
+    `state`: each finished round is saved there (phase rnd + 1); where its last finished phase is a round, (`model`,
+    `res`) are that round's student and the rounds before it are not run again."""
+    history, seen, first, diag, teachers, first_round = list(res.history), res.images_seen, 0, {}, [], 0
+    done = state.done if state else None
+    if done and done["phase"] > 0:
+        history, seen, first, diag = list(done["history"]), done["seen"], done["first"], dict(done["diag"])
+        teachers, first_round = list(done["teachers"]), done["phase"]
+    for rnd in range(first_round, ft.pseudo_rounds if ft.pseudo_per_class else 0):
         if before_round:
             before_round(rnd, model, res)
+        teachers.append(res.best_val_auc)
         first = len(history)
         model, res, diag = self_train(model, make_student, ft, train, labelled, eval_t, train_t, x_val, val_labels,
                                       dev, seed=seed + rnd, n_classes=n_classes,
                                       on_epoch=(lambda e, r, f=first: on_epoch(f + e, r)) if on_epoch else None,
-                                      **kw)
+                                      state=state, phase=rnd + 1, **kw)
         history, seen = history + res.history, seen + res.images_seen
-    return SelfTrained(model, res, history, seen, first, diag)
+        if state:
+            state.finish_phase(rnd + 1, {"model": model.state_dict(), "fit": res, "history": history, "seen": seen,
+                                         "first": first, "diag": diag, "teachers": teachers})
+    return SelfTrained(model, res, history, seen, first, diag, teachers)

@@ -39,7 +39,7 @@ def run(cfg: PipelineConfig, inputs: dict) -> dict[str, str]:
     resume = inputs.get("resume", True) and rank == 0  # rank 0 reads the store; every rank gets its plan
     done = finished_jobs(key, out_dir, ft.log_models) if resume else {}
     t_start = time.time()
-    if not run_jobs(plan_jobs(ft, list(arms)), done, logger, cfg.seed, speed, target.name, key):
+    if not run_jobs(plan_jobs(ft, list(arms)), done, logger, cfg.seed, speed, target.name, key, resume):
         return {}  # a torchrun rank > 0: rank 0 logged its jobs
     mlflow.log_metric("finetune_seconds", time.time() - t_start)
     out = {"predictions_uri": mlflow.get_artifact_uri("predictions"),

@@ -53,3 +53,58 @@ def test_queue_order_takes_every_job_once_largest_k_first():
     assert sorted(order) == sorted(jobs) and len(set(order)) == len(jobs)
     assert [j.k for j in order] == [20] * 9 + [10] * 9 + [5] * 9
     assert [(j.arm, j.seed) for j in order[:4]] == [("meta", 3), ("meta", 4), ("meta", 5), ("scratch", 3)]
+
+
+class Interrupt(Exception):
+    """Stands in for a kill at the end of an epoch's curve point (before that epoch's progress is saved)."""
+
+
+def resume_setup(real_data, tmp_path):
+    from pipeline.backbone import create_backbone, load_checkpoint, save_checkpoint
+    from pipeline.config import load_config
+    from pipeline.data import load_target
+    from pipeline.finetune import Arm, prepare_inputs
+    cfg = load_config(None, [f"data.root={real_data}", "finetune.image_size=32", "finetune.val_per_class=10",
+                             "finetune.shots=[5]", "finetune.epochs=3", "finetune.warmup_epochs=1",
+                             "finetune.patience=3", "finetune.pseudo_per_class=4", "finetune.pseudo_pool=40",
+                             "finetune.pseudo_rounds=2", "finetune.pseudo_epochs=3",
+                             "finetune.pseudo_warmup_epochs=1", "finetune.pseudo_augment=strong",
+                             "finetune.min_steps_per_epoch=1"])
+    model, _, _ = create_backbone("tf_efficientnet_lite0", num_classes=2)
+    save_checkpoint(tmp_path / "backbone.pt", model, "tf_efficientnet_lite0")
+    ckpt = load_checkpoint(tmp_path / "backbone.pt")
+    return cfg.finetune, prepare_inputs(cfg, load_target(cfg), ckpt), Arm(ckpt, 0, "tf_efficientnet_lite0")
+
+
+@pytest.mark.parametrize("stop_at", [1, 4, 7])  # mid fine-tune; mid round 1 (fine-tune saved); mid round 2
+def test_a_job_cut_off_mid_way_continues_to_the_uninterrupted_result(real_data, tmp_path, stop_at):
+    """A self-trained job (fine-tune, then two student rounds of 3 epochs each) stopped after `stop_at` epochs in
+    all continues from its saved progress to bit-identical final weights, test probabilities and curves; the epochs
+    done before are passed to `on_epoch` again, and the new attempt trains only the epochs left."""
+    from pipeline.finetune import Job, train_job
+    from pipeline.job_state import JobState
+    ft, data, arm = resume_setup(real_data, tmp_path)
+    job, cpu = Job(5, 0, "transfer"), torch.device("cpu")
+    full_curve = []
+    full = train_job(data, ft, job, arm, 0, cpu, on_epoch=lambda e, r: full_curve.append((e, r)))
+    assert len(full_curve) == 9 and [e for e, _ in full_curve] == list(range(9))
+
+    path = tmp_path / "state" / "job.pt"
+
+    def stop(e, r):
+        if e == stop_at:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train_job(data, ft, job, arm, 0, cpu, on_epoch=stop, state=JobState(path, every_s=0))
+    assert path.exists()
+    saved = torch.load(path, weights_only=False)
+    assert (saved["done"] or {}).get("phase", -1) == stop_at // 3 - 1 and saved["fit"]["epoch"] == stop_at % 3
+
+    curve, trained = [], []
+    again = train_job(data, ft, job, arm, 0, cpu, on_epoch=lambda e, r: curve.append((e, r)),
+                      state=JobState(path, every_s=0))
+    assert curve == full_curve
+    assert again.extra.pop("resumed_epochs") == stop_at  # the epochs before `stop_at` were not trained again
+    sd_full, sd_again = full.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(sd_full[k], sd_again[k]) for k in sd_full)
+    assert np.array_equal(full.prob, again.prob) and full.extra == again.extra

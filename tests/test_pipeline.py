@@ -425,6 +425,50 @@ def test_finetune_killed_by_sigkill_keeps_finished_jobs_and_ends_as_uninterrupte
     assert evaluate_results(uri_b, tmp_path, "resumed") == full
 
 
+MID_JOB = ["--config", SMOKE, "--set", "finetune.arms=[scratch,transfer]", "--set", "finetune.shots=[20]",
+           "--set", "finetune.seeds=1", "--set", "finetune.epochs=6", "--set", "finetune.patience=6",
+           "--set", "finetune.pseudo_per_class=4", "--set", "finetune.pseudo_pool=60", "--set", "finetune.pseudo_epochs=3",
+           "--set", "finetune.checkpoint_seconds=0"]  # 2 self-trained jobs, their progress saved every epoch
+
+
+def test_finetune_killed_mid_job_continues_that_job_and_ends_as_uninterrupted(tmp_path, real_data):
+    """SIGKILL the finetune stage while its first job is part-way, its progress saved beside the store; the same
+    command again continues that job from the saved epochs (it says so and logs `resumed_epochs`), leaves no saved
+    progress behind, and gives the results.json of an uninterrupted run."""
+    root = ["--set", f"data.root={real_data}"]
+    a = tmp_path / "a"
+    a.mkdir()
+    uri_a = f"sqlite:///{a / 'mlflow.db'}"
+    cli(["run", "--stage", "backbone,finetune,evaluate", *MID_JOB, *root], a, uri_a)
+    full = evaluate_results(uri_a, tmp_path, "full")
+    assert not (a / "job-states").exists() or not any((a / "job-states").rglob("*.pt"))
+
+    b = tmp_path / "b"
+    b.mkdir()
+    uri_b = f"sqlite:///{b / 'mlflow.db'}"
+    cli(["run", "--stage", "backbone", *MID_JOB, *root], b, uri_b)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri_b}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--stage", "finetune,evaluate", *MID_JOB,
+                             *root], cwd=b, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not list(b.glob("job-states/*/*.pt")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "finetune finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not list(b.glob("**/job.json"))  # killed inside the first job
+
+    p = cli(["run", "--stage", "finetune,evaluate", *MID_JOB, *root], b, uri_b)
+    assert re.search(r"finetune/\S+/k20/seed0: continues after the [1-9]\d* epoch\(s\) an earlier attempt saved",
+                     p.stdout), p.stdout[-3000:]
+    jobs = [r for r in runs(uri_b, "fewshot-medmeta-smoke") if r.data.tags.get("pipeline.stage") == "finetune-run"]
+    assert sorted(r.info.status for r in jobs) == ["FINISHED", "FINISHED", "KILLED"]
+    resumed = [r for r in jobs if "resumed_epochs" in r.data.metrics]
+    assert len(resumed) == 1 and resumed[0].info.status == "FINISHED" and resumed[0].data.metrics["resumed_epochs"] >= 1
+    assert not any(b.glob("job-states/**/*.pt"))
+    assert evaluate_results(uri_b, tmp_path, "resumed") == full
+
+
 def test_own_jpeg_folder_three_classes_end_to_end(tmp_path, real_data):
     """A real folder of JPEGs (made from the Kermany npz, 3 classes: normal/bacterial/viral) runs through
     finetune and evaluate, with class names kept in order and macro AUC."""
