@@ -2,6 +2,7 @@
 metrics, predictions CSV and model, the stage's `predictions/index.json`, and the model registry."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -110,6 +111,14 @@ def job_states_dir(stage_key: str) -> Path:
     """Where the jobs of a finetune stage save their progress: one folder per stage key beside the store, shared
     by every process of this host (a torchrun job goes to whichever rank is free)."""
     return local_state_dir() / "job-states" / stage_key
+
+
+def remove_job_states(stage_key: str) -> None:
+    """The stage key's saved progress, and the `job-states` folder itself once no other key has any."""
+    folder = job_states_dir(stage_key)
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: another stage key's jobs were cut off
+        folder.parent.rmdir()
 
 
 def job_state(job: Job, stage_key: str, ft: FinetuneConfig) -> JobState:
@@ -248,7 +257,7 @@ def run_jobs(jobs: list[Job], done: dict[Job, dict], logger: JobLogger, seed: in
     unless `resume` is False. Returns False on ranks > 0, which only train."""
     rank, world = distributed.world()
     if rank == 0 and not resume:
-        shutil.rmtree(job_states_dir(stage_key), ignore_errors=True)
+        remove_job_states(stage_key)
     todo = distributed.from_main([job for job in jobs if job not in done])
     arms = logger.arms
     if world > 1:
@@ -273,7 +282,7 @@ def run_jobs(jobs: list[Job], done: dict[Job, dict], logger: JobLogger, seed: in
             state.remove()
     logger.write_index(jobs)
     if stage_key:  # every job is logged: no progress left to keep
-        shutil.rmtree(job_states_dir(stage_key), ignore_errors=True)
+        remove_job_states(stage_key)
     return True
 
 

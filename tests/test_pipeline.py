@@ -441,7 +441,7 @@ def test_finetune_killed_mid_job_continues_that_job_and_ends_as_uninterrupted(tm
     uri_a = f"sqlite:///{a / 'mlflow.db'}"
     cli(["run", "--stage", "backbone,finetune,evaluate", *MID_JOB, *root], a, uri_a)
     full = evaluate_results(uri_a, tmp_path, "full")
-    assert not (a / "job-states").exists() or not any((a / "job-states").rglob("*.pt"))
+    assert not (a / "job-states").exists()  # nothing left beside the store once every job is logged
 
     b = tmp_path / "b"
     b.mkdir()
@@ -465,7 +465,7 @@ def test_finetune_killed_mid_job_continues_that_job_and_ends_as_uninterrupted(tm
     assert sorted(r.info.status for r in jobs) == ["FINISHED", "FINISHED", "KILLED"]
     resumed = [r for r in jobs if "resumed_epochs" in r.data.metrics]
     assert len(resumed) == 1 and resumed[0].info.status == "FINISHED" and resumed[0].data.metrics["resumed_epochs"] >= 1
-    assert not any(b.glob("job-states/**/*.pt"))
+    assert not (b / "job-states").exists()
     assert evaluate_results(uri_b, tmp_path, "resumed") == full
 
 
