@@ -108,3 +108,20 @@ def test_a_job_cut_off_mid_way_continues_to_the_uninterrupted_result(real_data, 
     sd_full, sd_again = full.model.state_dict(), again.model.state_dict()
     assert all(torch.equal(sd_full[k], sd_again[k]) for k in sd_full)
     assert np.array_equal(full.prob, again.prob) and full.extra == again.extra
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (ValueError, "FAILED")])
+def test_a_job_run_cut_off_by_ctrl_c_or_sigterm_ends_killed(store, error, status):
+    """A job's nested run ends as its stage run does: KILLED for Ctrl-C/SIGTERM (KeyboardInterrupt here), FAILED for an
+    error (MLflow's own `with start_run()` ends both FAILED)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from pipeline.finetune import Job
+    from pipeline.finetune_runs import job_run
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run(run_name="stage"):
+        with pytest.raises(error):
+            with job_run(Job(5, 0, "transfer"), "tf_efficientnet_lite0", "kermany", "key") as run:
+                raise error
+        assert mlflow.active_run().info.run_name == "stage"  # the stage run is active again
+    assert MlflowClient(store).get_run(run.info.run_id).info.status == status
