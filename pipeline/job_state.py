@@ -59,7 +59,7 @@ class JobState:
                 self.transforms.append(t)
 
     def load(self) -> dict | None:
-        """The saved state, if a file is there (`{'done': ..., 'fit': ...}`); random streams are set by `resume_*`."""
+        """The saved state, if a file is there (`{'done': ..., 'fit': ...}`); random streams are put back by `set_rng`."""
         if self.path is None or not self.path.exists():
             return None
         self._loaded = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -93,20 +93,20 @@ class JobState:
         return self.path is not None and time.monotonic() - self._saved_at >= self.every_s
 
     def save_fit(self, phase: int, fit: dict) -> None:
-        """A fit in progress, at the end of an epoch (when `due`)."""
+        """A fit in progress, at the end of an epoch (when `due`, which it never is without a path)."""
         self._write({"done": self.done, "fit": {"phase": phase, **fit, "rng": self._rng()}})
 
     def finish_phase(self, phase: int, done: dict) -> None:
         """A finished phase: what the next phase starts from (always written). Copied here: the job goes on using
         the model (`done['model']`, a state dict) and the lists, and later writes must not see those changes."""
+        if self.path is None:  # nothing is saved: nothing to copy
+            return
         model = {k: v.detach().to("cpu", copy=True) for k, v in done["model"].items()}
         self.done = {"phase": phase, **copy.deepcopy({k: v for k, v in done.items() if k != "model"}),
                      "model": model, "rng": self._rng()}
         self._write({"done": self.done, "fit": None})
 
     def _write(self, obj: dict) -> None:
-        if self.path is None:
-            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save({**obj, "seconds": self.seconds_before + time.monotonic() - self._started}, tmp)
