@@ -607,11 +607,13 @@ def test_torchrun_finetune_spreads_runs_and_equals_single_process(tmp_path, real
 
 
 def test_torchrun_finetune_killed_by_sigkill_keeps_logged_jobs_and_equals_single_process(tmp_path, real_data):
-    """SIGKILL a 2-process torchrun finetune (launcher and workers) once rank 0 has logged two jobs; the same torchrun
-    command again keeps those jobs' runs, trains only the rest, and gives the predictions of one process running
-    every job uninterrupted."""
+    """SIGKILL a 2-process torchrun finetune (launcher and workers) once rank 0 has logged two jobs and a job in flight
+    has saved part of its fit; the same torchrun command again keeps those jobs' runs, continues the cut-off job from
+    its saved epochs, trains only the rest, and gives the predictions of one process running every job
+    uninterrupted."""
     args = ["--config", SMOKE, "--set", f"data.root={real_data}", "--set", "finetune.arms=[scratch,transfer]",
-            "--set", "finetune.shots=[5]", "--set", "finetune.seeds=3"]
+            "--set", "finetune.shots=[5]", "--set", "finetune.seeds=3", "--set", "finetune.epochs=6",
+            "--set", "finetune.patience=6", "--set", "finetune.checkpoint_seconds=0"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cli(["run", "--stage", "backbone", *args], tmp_path, uri)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
@@ -621,7 +623,15 @@ def test_torchrun_finetune_killed_by_sigkill_keeps_logged_jobs_and_equals_single
                             text=True, start_new_session=True)
     deadline = time.time() + 600
     # job.json is a job's last artifact, written by rank 0 as the job's result arrives
-    while time.time() < deadline and proc.poll() is None and len(list(tmp_path.glob("**/job.json"))) < 2:
+
+    def mid_fit() -> bool:  # a job in flight has saved a fit in progress (written atomically: a whole file or none)
+        for f in tmp_path.glob("job-states/*/*.pt"):
+            with contextlib.suppress(FileNotFoundError):  # its job was logged meanwhile
+                if torch.load(f, weights_only=False)["fit"] is not None:
+                    return True
+        return False
+    while time.time() < deadline and proc.poll() is None and not (
+            len(list(tmp_path.glob("**/job.json"))) >= 2 and mid_fit()):
         time.sleep(0.05)
     assert proc.poll() is None, "finetune finished before it could be killed"
     # torch's launcher starts each worker in a session of its own: kill the whole tree, as a lost machine would
@@ -637,6 +647,7 @@ def test_torchrun_finetune_killed_by_sigkill_keeps_logged_jobs_and_equals_single
     p = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("kept from run") == len(kept)
+    assert "continues after the" in p.stdout, p.stdout[-3000:]
     trained = [int(n) for n in re.findall(rf"rank [01]/2 trained (\d) of {6 - len(kept)} runs", p.stdout)]
     assert len(trained) == 2 and sum(trained) == 6 - len(kept)
     after = {r.info.run_id: r for r in runs(uri, "fewshot-medmeta-smoke")}
