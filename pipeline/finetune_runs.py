@@ -8,10 +8,11 @@ import shutil
 import socket
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import mlflow.pytorch
+from mlflow.entities import Run
 import numpy as np
 import pandas as pd
 import torch
@@ -23,7 +24,7 @@ from .finetune import Arm, Job, JobResult, TargetInputs, queue_order, train_job
 from .job_state import JobState
 from .metrics import classification_metrics
 from .predict import PREPROCESS_FILE, preprocess_spec
-from .tracking import compute_tags, download, local_state_dir, main_client, process_tags
+from .tracking import compute_tags, download, local_state_dir, main_client, tracked_run
 
 
 def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict[str, dict]]:
@@ -62,23 +63,16 @@ def load_arms(cfg: PipelineConfig, inputs: dict) -> tuple[dict[str, Arm], dict[s
 JOB_FILE = "job.json"  # a job run's index entry, logged last: a FINISHED job run holding it is complete
 
 
-@contextlib.contextmanager
 def job_run(job: Job, model_name: str, dataset: str, stage_key: str, parent_run_id: str | None = None,
-            trainer: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+            trainer: dict[str, str] | None = None) -> contextlib.AbstractContextManager[Run]:
     """The job's nested MLflow run, named `finetune/<arm>/k<k>/seed<s>`, tagged with its stage's key and the logging
     process; under the active run, or under `parent_run_id` (from a thread with no active run of its own).
-    `trainer`: the `trainer_tags` of the process that trained the job, when another one did. Ends FINISHED, KILLED
-    (Ctrl-C, SIGTERM: like its stage run; MLflow's own context manager would say FAILED) or FAILED."""
-    run = mlflow.start_run(run_name=job.name, nested=True, parent_run_id=parent_run_id,
-                           tags={"pipeline.stage": "finetune-run", "pipeline.stage_key": stage_key, "arm": job.arm,
-                                 "k": str(job.k), "seed": str(job.seed), "backbone": model_name, "dataset": dataset,
-                                 **process_tags(), **(trainer or {})})
-    try:
-        yield run
-    except BaseException as e:
-        mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    mlflow.end_run("FINISHED")
+    `trainer`: the `trainer_tags` of the process that trained the job, when another one did. Ends like a stage run
+    (`tracked_run`): KILLED on Ctrl-C or SIGTERM, FAILED on an error."""
+    return tracked_run(job.name, {"pipeline.stage": "finetune-run", "pipeline.stage_key": stage_key, "arm": job.arm,
+                                  "k": str(job.k), "seed": str(job.seed), "backbone": model_name, "dataset": dataset,
+                                  **(trainer or {})},
+                       nested=True, system_metrics=None, parent_run_id=parent_run_id)
 
 
 def finished_jobs(stage_key: str, out_dir: Path, log_models: bool) -> dict[Job, dict]:

@@ -242,11 +242,13 @@ def close_dead_runs(client=None) -> list[str]:
 
 
 @contextmanager
-def tracked_run(name: str, tags: dict[str, str], nested: bool = False,
-                system_metrics: bool = True) -> Iterator[Run]:
-    """Start a run; end it FINISHED, or FAILED (exception) / KILLED (Ctrl-C, SIGTERM) with the error logged."""
-    run = mlflow.start_run(run_name=name, nested=nested, tags={**tags, **process_tags()},
-                           log_system_metrics=system_metrics)
+def tracked_run(name: str, tags: dict[str, str], nested: bool = False, system_metrics: bool | None = True,
+                parent_run_id: str | None = None) -> Iterator[Run]:
+    """Start a run; end it FINISHED, or FAILED (exception) / KILLED (Ctrl-C, SIGTERM) with the error logged (MLflow's
+    own `with start_run()` ends both FAILED). `tags` add to and override `process_tags` (a job trained by another
+    torchrun process carries its trainer's); `parent_run_id`: nest under that run from a thread with no active one."""
+    run = mlflow.start_run(run_name=name, nested=nested, parent_run_id=parent_run_id,
+                           tags={**process_tags(), **tags}, log_system_metrics=system_metrics)
     try:
         yield run
     except BaseException as e:
