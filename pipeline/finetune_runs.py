@@ -123,6 +123,18 @@ def remove_job_states(stage_key: str) -> None:
         folder.parent.rmdir()
 
 
+def note_other_job_states() -> None:
+    """Say where progress of other finetune configurations' cut-off jobs lies (kept for when their command runs
+    again), so that a user who changed the configuration for good knows what to delete."""
+    root = local_state_dir() / "job-states"
+    files = sorted(root.glob("*/*.pt"))
+    if files:
+        mib = sum(f.stat().st_size for f in files) / 2**20
+        print(f"[finetune] {len(files)} job(s) cut off under other finetune configurations kept their progress "
+              f"({mib:.0f} MiB) in {root}: rerunning their command continues them; delete that folder if you will "
+              f"not", flush=True)
+
+
 def job_state(job: Job, stage_key: str, ft: FinetuneConfig) -> JobState:
     """The job's `JobState` (nothing saved without a stage key or with `finetune.checkpoint_seconds` < 0)."""
     if not stage_key or ft.checkpoint_seconds < 0:
@@ -285,6 +297,7 @@ def run_jobs(jobs: list[Job], done: dict[Job, dict], logger: JobLogger, seed: in
     logger.write_index(jobs)
     if stage_key:  # every job is logged: no progress left to keep
         remove_job_states(stage_key)
+        note_other_job_states()
     return True
 
 

@@ -439,9 +439,15 @@ def test_finetune_killed_mid_job_continues_that_job_and_ends_as_uninterrupted(tm
     a = tmp_path / "a"
     a.mkdir()
     uri_a = f"sqlite:///{a / 'mlflow.db'}"
-    cli(["run", "--stage", "backbone,finetune,evaluate", *MID_JOB, *root], a, uri_a)
+    other = a / "job-states" / "another-configuration" / "transfer_k5_seed0.pt"  # a job cut off under other settings
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"\0" * 2**20)
+    p = cli(["run", "--stage", "backbone,finetune,evaluate", *MID_JOB, *root], a, uri_a)
     full = evaluate_results(uri_a, tmp_path, "full")
-    assert not (a / "job-states").exists()  # nothing left beside the store once every job is logged
+    # nothing of this configuration left beside the store once every job is logged; the other one's kept and named
+    assert sorted(a.glob("job-states/*/*")) == [other]
+    assert f"1 job(s) cut off under other finetune configurations kept their progress (1 MiB) in {a / 'job-states'}" \
+        in p.stdout, p.stdout[-3000:]
 
     b = tmp_path / "b"
     b.mkdir()
