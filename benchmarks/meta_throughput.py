@@ -1,7 +1,8 @@
 """Meta-train throughput and peak memory per algorithm, side by side with learn2learn's MAML and plain
-supervised SGD over the same image passes. One process; prints a table and, last, a RESULT line.
+supervised SGD over the same image passes. Each method in a fresh process of its own; prints a table (tasks/s
+of the median timed meta-batch, with the slowest-fastest range) and, last, a RESULT line.
 
-    python benchmarks/meta_throughput.py [--device cpu|cuda] [--iters 3] [--model tf_efficientnet_lite0]
+    python benchmarks/meta_throughput.py [--device cpu|cuda] [--iters 6] [--model tf_efficientnet_lite0]
         [--channels-last auto|on|off] [--compile auto|on|off] [--unroll] [--batched] [--only maml,l2l-maml,...]
 
 Its defaults are the product's: `--channels-last auto` (`channels_last: auto`) and `--compile` as `meta.compile`
@@ -18,6 +19,7 @@ import ctypes
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -114,18 +116,21 @@ def bench(name, step, batches, dev, tasks, results, cl):
     if dev.type == "cuda":
         torch.cuda.synchronize()
     warm = time.perf_counter() - t0
+    times = []
     with PeakMemory(dev) as mem:
-        t0 = time.perf_counter()
         for b in batches[1:]:
+            t0 = time.perf_counter()
             step(b)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    rate = tasks * (len(batches) - 1) / dt
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    # the median meta-batch: a slow spell of the machine (or a stray recompile) in one of them moves it little
+    rate = tasks / statistics.median(times)
     results[name] = (rate, mem.peak)
     print("ROW " + json.dumps({"name": name, "rate": rate, "peak": mem.peak}), flush=True)
-    print(f"{name:<22} {rate:8.3f} tasks/s   peak memory {mem.peak / 2**20:9.1f} MiB   "
-          f"{'channels-last' if cl else 'contiguous   '}   warm-up meta-batch {warm:6.1f} s", flush=True)
+    print(f"{name:<22} {rate:8.3f} tasks/s ({tasks / max(times):.3f}-{tasks / min(times):.3f})   peak memory "
+          f"{mem.peak / 2**20:9.1f} MiB   {'channels-last' if cl else 'contiguous   '}   warm-up meta-batch "
+          f"{warm:6.1f} s", flush=True)
 
 
 def add_task_args(ap: argparse.ArgumentParser) -> None:
@@ -143,7 +148,8 @@ def add_task_args(ap: argparse.ArgumentParser) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_args(ap)
-    ap.add_argument("--iters", type=int, default=3, help="timed meta-batches per method (after one warm-up)")
+    ap.add_argument("--iters", type=int, default=6,
+                    help="timed meta-batches per method (after one warm-up); the rate is the median one's")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batched", action="store_true",
                     help="vmap over the tasks of a meta-batch (meta.batched=true) instead of the default per-task loop")
