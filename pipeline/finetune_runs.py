@@ -131,8 +131,8 @@ def note_other_job_states() -> None:
     if files:
         mib = sum(f.stat().st_size for f in files) / 2**20
         print(f"[finetune] {len(files)} job(s) cut off under other finetune configurations kept their progress "
-              f"({mib:.0f} MiB) in {root}: rerunning their command continues them; delete that folder if you will "
-              f"not", flush=True)
+              f"({mib:.0f} MiB) in {root}, a folder per configuration: its command run again continues them; "
+              f"delete the folder of one you will not run again", flush=True)
 
 
 def job_state(job: Job, stage_key: str, ft: FinetuneConfig) -> JobState:

@@ -446,7 +446,7 @@ def test_finetune_killed_mid_job_continues_that_job_and_ends_as_uninterrupted(tm
     full = evaluate_results(uri_a, tmp_path, "full")
     # nothing of this configuration left beside the store once every job is logged; the other one's kept and named
     assert sorted(a.glob("job-states/*/*")) == [other]
-    assert f"1 job(s) cut off under other finetune configurations kept their progress (1 MiB) in {a / 'job-states'}" \
+    assert f"1 job(s) cut off under other finetune configurations kept their progress (1 MiB) in {a / 'job-states'}, a folder per" \
         in p.stdout, p.stdout[-3000:]
 
     b = tmp_path / "b"
