@@ -109,24 +109,28 @@ def finished_jobs(stage_key: str, out_dir: Path, log_models: bool) -> dict[Job, 
     return out
 
 
+def job_states_root() -> Path:
+    """The folder beside the store that holds every finetune stage key's saved job progress."""
+    return local_state_dir() / "job-states"
+
+
 def job_states_dir(stage_key: str) -> Path:
     """Where the jobs of a finetune stage save their progress: one folder per stage key beside the store, shared
     by every process of this host (a torchrun job goes to whichever rank is free)."""
-    return local_state_dir() / "job-states" / stage_key
+    return job_states_root() / stage_key
 
 
 def remove_job_states(stage_key: str) -> None:
     """The stage key's saved progress, and the `job-states` folder itself once no other key has any."""
-    folder = job_states_dir(stage_key)
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(job_states_dir(stage_key), ignore_errors=True)
     with contextlib.suppress(OSError):  # not empty: another stage key's jobs were cut off
-        folder.parent.rmdir()
+        job_states_root().rmdir()
 
 
 def note_other_job_states() -> None:
     """Say where progress of other finetune configurations' cut-off jobs lies (kept for when their command runs
     again), so that a user who changed the configuration for good knows what to delete."""
-    root = local_state_dir() / "job-states"
+    root = job_states_root()
     files = sorted(root.glob("*/*.pt"))
     if files:
         mib = sum(f.stat().st_size for f in files) / 2**20
